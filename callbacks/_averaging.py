@@ -1,0 +1,226 @@
+"""What EMA and SWA share: averaged copies beside training, evaluation and shipping on them.
+
+Lifecycle (see docs/design.md):
+- ``setup``: copies of every parameter and persistent buffer, keyed by name. Done before
+  Lightning restores a checkpoint, so a resumed run loads its averages into them.
+- ``on_fit_start``: move the copies next to the weights (or keep them on the CPU), pick up
+  tensors created in ``configure_model``, bind by name.
+- after each optimizer step (or epoch) the subclass says whether to update and with what weight.
+- validation / test swap the averages in and the raw weights back out.
+- ``on_train_end`` leaves the averaged weights in the module (shippable); checkpoints always
+  store the RAW weights as the model state, so a resume continues training from them.
+
+With several averaging callbacks attached, only the last one that evaluates (and the last
+one that applies at the end) swaps weights; the others keep their averages in their state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from ..core.averaging import AveragedWeights, load_tensors_
+from ._summary import format_table
+
+__all__: list[str] = []
+
+_SHARDED = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy")
+
+
+class _Averaging(Callback):
+    """Base of the averaging callbacks. Subclasses override ``_weight`` and the two ``_due_*``."""
+
+    name = "averaging"
+
+    def __init__(self, evaluate_averaged: bool, apply_at_end: bool, offload_to_cpu: bool) -> None:
+        self.evaluate_averaged = evaluate_averaged
+        self.apply_at_end = apply_at_end
+        self.offload_to_cpu = offload_to_cpu
+        self.averaged: AveragedWeights | None = None
+        self._last_step = 0  # global_step when updates were last considered
+        self._raw: dict[str, torch.Tensor] | None = None  # raw weights while the module holds averages
+        self._held_for_eval = False
+        self._pending: dict[str, Any] = {}  # checkpoint state not applicable yet
+        self._evaluates = evaluate_averaged
+        self._applies = apply_at_end
+
+    # -- the override points -------------------------------------------------------------
+    def _weight(self) -> float:
+        """Interpolation weight of the next update (``avg += w * (current - avg)``)."""
+        raise NotImplementedError
+
+    def _due_after_step(self, step: int) -> bool:
+        return False
+
+    def _due_after_epoch(self, epoch: int, step: int) -> bool:
+        return False
+
+    def _summary_rows(self) -> list[tuple[str, str]]:
+        return []
+
+    # -- set-up ----------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        strategy = type(trainer.strategy).__name__
+        if strategy in _SHARDED:
+            raise ValueError(
+                f"{type(self).__name__} does not support the sharded strategy {strategy} yet; "
+                "use strategy='ddp' (or a single device)."
+            )
+        peers = [cb for cb in trainer.callbacks if isinstance(cb, _Averaging)]
+        self._evaluates = self.evaluate_averaged and self is [c for c in peers if c.evaluate_averaged][-1]
+        self._applies = self.apply_at_end and self is [c for c in peers if c.apply_at_end][-1]
+        if (self.evaluate_averaged and not self._evaluates) or (self.apply_at_end and not self._applies):
+            rank_zero_info(
+                f"{type(self).__name__}: another averaging callback later in `callbacks` swaps its "
+                "weights in for evaluation / at the end; this one keeps its average in its state."
+            )
+        if self.averaged is None:
+            self.averaged = AveragedWeights(pl_module, device="cpu" if self.offload_to_cpu else None)
+        if self._pending:
+            self.load_state_dict(self._pending)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.averaged is not None
+        if not self.offload_to_cpu:
+            self.averaged.to_(pl_module.device)
+        new = self.averaged.add_(pl_module)  # layers built in configure_model
+        if new:
+            rank_zero_info(f"{type(self).__name__}: also averaging {len(new)} tensors created after setup.")
+        if self._pending:
+            tensors = self._pending["tensors"]
+            unknown = self.averaged.load_state_dict({"num_updates": self.averaged.num_updates, "tensors": tensors})
+            if unknown:
+                raise ValueError(
+                    f"{type(self).__name__}: the checkpoint holds averages of {sorted(unknown)[:5]}, which this "
+                    "model does not have; resume with the model the checkpoint was trained with."
+                )
+        self._pending = {}
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Re-resolve by name: another callback may have re-registered parameters since.
+        assert self.averaged is not None
+        self.averaged.bind_(pl_module)
+
+    # -- updates ---------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step  # counts optimizer steps, so gradient accumulation is handled
+        if step > self._last_step:
+            self._last_step = step
+            if self._due_after_step(step):
+                self._update(trainer, pl_module)
+        # Epoch updates happen on the epoch's last batch, not in on_train_epoch_end: Lightning
+        # validates (and ModelCheckpoint saves) before that hook, so a checkpoint would miss them.
+        if batch_idx + 1 == trainer.num_training_batches and self._due_after_epoch(trainer.current_epoch, step):
+            self._update(trainer, pl_module, on_step=False)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if math.isinf(trainer.num_training_batches) and self._due_after_epoch(trainer.current_epoch, trainer.global_step):
+            self._update(trainer, pl_module, on_step=False)  # iterable data of unknown length
+
+    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool = True) -> None:
+        assert self.averaged is not None
+        weight = self._weight()
+        self.averaged.update_(weight)
+        # Lightning's log() costs ~0.1 ms; only pay it when the logger will write.
+        if not on_step or trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
+            pl_module.log(f"{self.name}/weight", weight, on_step=on_step, on_epoch=not on_step)
+            pl_module.log(f"{self.name}/updates", float(self.averaged.num_updates), on_step=on_step, on_epoch=not on_step)
+
+    # -- evaluation and shipping -----------------------------------------------------------
+    def _hold_averaged(self) -> bool:
+        """Put the averages into the module, keeping the raw weights; False if nothing to put."""
+        if self._raw is not None or self.averaged is None or self.averaged.num_updates == 0:
+            return False
+        self._raw = self.averaged.snapshot()
+        self.averaged.copy_to_()
+        return True
+
+    def _release_averaged(self) -> None:
+        assert self.averaged is not None and self._raw is not None
+        self.averaged.restore_(self._raw)
+        self._raw = None
+
+    def _sync_buffers(self, trainer: pl.Trainer) -> None:
+        """Make every rank hold rank 0's buffer averages.
+
+        Parameters are identical on every rank under DDP, but BatchNorm statistics are not:
+        DDP re-broadcasts rank 0's buffers only at the next forward. Rank 0's are the canonical
+        ones, so their averages are broadcast -- only when the averages are used, not every step.
+        """
+        if trainer.world_size > 1 and self.averaged is not None and self.averaged.buffer_names:
+            tensors = self.averaged.tensors
+            received = trainer.strategy.broadcast({n: tensors[n] for n in sorted(self.averaged.buffer_names)}, src=0)
+            load_tensors_(tensors, received)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync_buffers(trainer)
+        if self._evaluates:
+            self._held_for_eval = self._hold_averaged()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._held_for_eval:
+            self._release_averaged()
+            self._held_for_eval = False
+
+    on_test_epoch_start = on_validation_epoch_start
+    on_test_epoch_end = on_validation_epoch_end
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync_buffers(trainer)
+        if self._applies:
+            self._hold_averaged()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.averaged is not None
+        rows = [("updates", str(self.averaged.num_updates)), ("tensors averaged", str(len(self.averaged.tensors)))]
+        rows += self._summary_rows()
+        if self._raw is not None:
+            held = "these averaged weights"
+        elif self.apply_at_end and not self._applies:
+            held = "the weights of a later averaging callback"
+        else:
+            held = "the raw training weights"
+        rows.append(("module now holds", held))
+        rank_zero_info(format_table(f"{type(self).__name__} summary", rows))
+
+    @property
+    def raw_weights(self) -> dict[str, torch.Tensor] | None:
+        """The training weights while the module holds the averaged ones (after fit), else None."""
+        return self._raw
+
+    # -- checkpointing ---------------------------------------------------------------------
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # The model state of a checkpoint is always the RAW weights, so resuming trains on
+        # from them even when it was saved while the averages were swapped in.
+        if self._raw is None:
+            return
+        assert self.averaged is not None
+        by_storage = {t.data_ptr(): n for n, t in self.averaged._current.items()}
+        state = dict(checkpoint["state_dict"])
+        for key, value in state.items():
+            name = by_storage.get(value.data_ptr())
+            if name is not None:
+                state[key] = self._raw[name].clone()
+        checkpoint["state_dict"] = state
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.averaged is None:  # loaded but not set up yet
+            return dict(self._pending)
+        return {"last_step": self._last_step, **self.averaged.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = int(state_dict["last_step"])
+        self._raw = None  # the model was (re)loaded with raw weights
+        self._held_for_eval = False
+        if self.averaged is None:
+            self._pending = dict(state_dict)
+            return
+        self._pending = {}
+        unknown = self.averaged.load_state_dict(state_dict)
+        if unknown:  # created in configure_model: applied at on_fit_start
+            self._pending = {"tensors": unknown}

@@ -1,0 +1,214 @@
+"""Weight averaging callbacks: EMA (exponential moving average) and SWA (equal running mean).
+
+Both keep name-keyed averaged copies beside training (machinery in ``_averaging.py``, math in
+``lichtenberg.core.averaging``); they differ only in when they update and with what weight.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from ..core.averaging import batchnorm_layers, ema_decay, load_tensors_, update_bn_
+from ._averaging import _Averaging
+
+__all__ = ["EMA", "SWA"]
+
+
+class EMA(_Averaging):
+    """Exponential moving average of the weights, updated after optimizer steps.
+
+    ``avg <- decay_t * avg + (1 - decay_t) * weights`` with the warm-up users know from timm
+    and ema-pytorch, ``decay_t = min(decay, 1 - (1 + t / warmup_gamma) ** -warmup_power)``,
+    ``t`` the number of updates so far (the first update copies the weights). Floating
+    parameters and buffers are averaged with one foreach call; integer buffers are copied.
+    Validation and test run on the averaged weights, checkpoints hold both (the raw ones as
+    the model state, so resuming continues training), and at the end of fit the module holds
+    the averaged weights.
+
+    Args:
+        decay: asymptotic decay per update, in (0, 1); horizon ~ every_n_steps / (1 - decay) steps.
+        warmup_power: warm-up exponent (2/3 for short runs, 3/4 for long ones); None disables it.
+        warmup_gamma: warm-up time scale, in updates.
+        start_step: optimizer steps to train before the first update.
+        every_n_steps: update after every n-th optimizer step.
+        offload_to_cpu: keep the averages in host memory (saves accelerator memory, costs a copy per update).
+        evaluate_averaged: run validation and test on the averaged weights.
+        apply_at_end: leave the averaged weights in the module when fit ends.
+
+    Example:
+        >>> trainer = Trainer(max_epochs=10, callbacks=[EMA(decay=0.999)])
+        >>> trainer.fit(model)  # validation used the EMA weights; model now holds them
+    """
+
+    name = "ema"
+
+    def __init__(
+        self,
+        decay: float = 0.999,
+        warmup_power: float | None = 2 / 3,
+        warmup_gamma: float = 1.0,
+        start_step: int = 0,
+        every_n_steps: int = 1,
+        offload_to_cpu: bool = False,
+        evaluate_averaged: bool = True,
+        apply_at_end: bool = True,
+    ) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay={decay} must lie in (0, 1); typical values are 0.999 to 0.9999.")
+        if warmup_power is not None and warmup_power <= 0:
+            raise ValueError(f"EMA warmup_power={warmup_power} must be > 0 (2/3 or 3/4), or None for no warm-up.")
+        if warmup_gamma <= 0:
+            raise ValueError(f"EMA warmup_gamma={warmup_gamma} must be > 0 (1.0 is the usual value).")
+        if start_step < 0:
+            raise ValueError(f"EMA start_step={start_step} must be >= 0 (0 averages from the first step).")
+        if every_n_steps < 1:
+            raise ValueError(f"EMA every_n_steps={every_n_steps} must be >= 1 (1 updates after every optimizer step).")
+        super().__init__(evaluate_averaged, apply_at_end, offload_to_cpu)
+        self.decay = decay
+        self.warmup_power = warmup_power
+        self.warmup_gamma = warmup_gamma
+        self.start_step = start_step
+        self.every_n_steps = every_n_steps
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(decay=self.decay, start_step=self.start_step, every_n_steps=self.every_n_steps)
+
+    def current_decay(self) -> float:
+        """Decay the next update will use."""
+        assert self.averaged is not None
+        return ema_decay(self.averaged.num_updates, self.decay, self.warmup_gamma, self.warmup_power)
+
+    def _weight(self) -> float:
+        return 1.0 - self.current_decay()
+
+    def _due_after_step(self, step: int) -> bool:
+        return step > self.start_step and step % self.every_n_steps == 0
+
+    def _summary_rows(self) -> list[tuple[str, str]]:
+        return [("decay (target / last)", f"{self.decay} / {self.current_decay():.6f}")]
+
+
+class SWA(_Averaging):
+    """Stochastic weight averaging: the equal running mean of snapshots taken late in training.
+
+    From ``start`` on, a snapshot is added after every ``every_n``-th epoch (or optimizer
+    step). The user's LR scheduler is never replaced; ``swa_lr`` optionally holds the learning
+    rate constant from ``start`` on. When fit ends, BatchNorm statistics are recomputed for the
+    averaged weights with one explicit pass over the training data (``bn_forward`` runs each
+    batch; override it for batches that are not ``(inputs, ...)`` tuples), then the module
+    holds the averaged weights.
+
+    Args:
+        start: when averaging starts: a float in [0, 1) is a fraction of the run's optimizer
+            steps (needs max_steps or max_epochs), an int >= 0 an optimizer step.
+        every_n: add a snapshot after every n-th ``interval``.
+        interval: "epoch" or "step".
+        swa_lr: if set, the learning rate of every param group from ``start`` on.
+        bn_batches: training batches for the BatchNorm pass (None: one epoch, 0: skip it).
+        offload_to_cpu: keep the average in host memory.
+        evaluate_averaged: run validation and test on the averaged weights.
+        apply_at_end: recompute BatchNorm and leave the averaged weights in the module.
+
+    Example:
+        >>> trainer = Trainer(max_epochs=20, callbacks=[SWA(start=0.75)])
+    """
+
+    name = "swa"
+
+    def __init__(
+        self,
+        start: int | float = 0.75,
+        every_n: int = 1,
+        interval: Literal["epoch", "step"] = "epoch",
+        swa_lr: float | None = None,
+        bn_batches: int | None = None,
+        offload_to_cpu: bool = False,
+        evaluate_averaged: bool = True,
+        apply_at_end: bool = True,
+    ) -> None:
+        if isinstance(start, float) and not 0.0 <= start < 1.0:
+            raise ValueError(
+                f"SWA start={start} is a fraction of training and must lie in [0, 1); "
+                "pass an int for an optimizer step."
+            )
+        if start < 0:
+            raise ValueError(f"SWA start={start} must be >= 0.")
+        if every_n < 1:
+            raise ValueError(f"SWA every_n={every_n} must be >= 1.")
+        if interval not in ("epoch", "step"):
+            raise ValueError(f"SWA interval={interval!r} must be 'epoch' or 'step'.")
+        if swa_lr is not None and swa_lr <= 0:
+            raise ValueError(f"SWA swa_lr={swa_lr} must be > 0, or None to keep the user's schedule.")
+        if bn_batches is not None and bn_batches < 0:
+            raise ValueError(f"SWA bn_batches={bn_batches} must be >= 0 (0 skips the pass, None uses one epoch).")
+        super().__init__(evaluate_averaged, apply_at_end, offload_to_cpu)
+        self.start = start
+        self.every_n = every_n
+        self.interval = interval
+        self.swa_lr = swa_lr
+        self.bn_batches = bn_batches
+        self._start_step = start if isinstance(start, int) else 0
+        self._bn_seen = 0
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(start=self.start, every_n=self.every_n, interval=self.interval)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        total = trainer.estimated_stepping_batches
+        if isinstance(self.start, float):
+            if not math.isfinite(total):
+                raise ValueError(f"SWA start={self.start} is a fraction of training; set max_steps or max_epochs.")
+            self._start_step = int(self.start * total)
+        if math.isfinite(total) and self._start_step >= total:
+            raise ValueError(
+                f"SWA start={self.start} is optimizer step {self._start_step}, but training ends at step "
+                f"{int(total)}: start earlier or train longer."
+            )
+        rank_zero_info(f"SWA: averaging from optimizer step {self._start_step}, every {self.every_n} {self.interval}(s).")
+
+    def _weight(self) -> float:
+        assert self.averaged is not None
+        return 1.0 / (self.averaged.num_updates + 1)
+
+    def _due_after_step(self, step: int) -> bool:
+        return self.interval == "step" and step > self._start_step and step % self.every_n == 0
+
+    def _due_after_epoch(self, epoch: int, step: int) -> bool:
+        return self.interval == "epoch" and step > self._start_step and (epoch + 1) % self.every_n == 0
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self.swa_lr is not None and trainer.global_step >= self._start_step:
+            for group in optimizer.param_groups:
+                group["lr"] = self.swa_lr
+
+    def bn_forward(self, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Run the model on one training batch for the BatchNorm pass (override for other batch types)."""
+        pl_module(batch[0] if isinstance(batch, (list, tuple)) else batch)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync_buffers(trainer)
+        if not (self._applies and self._hold_averaged()):
+            return
+        layers = batchnorm_layers(pl_module)
+        if not layers or self.bn_batches == 0:
+            return
+        batches = (trainer.strategy.batch_to_device(b) for b in trainer.train_dataloader)
+        self._bn_seen = update_bn_(pl_module, batches, lambda m, b: self.bn_forward(m, b), self.bn_batches)
+        buffers = {n: b for n, b in pl_module.named_buffers() if n in self.averaged.tensors}
+        with torch.no_grad():
+            for bn in layers:  # each rank saw its own shard: agree on the mean statistics
+                for stat in (bn.running_mean, bn.running_var):
+                    if stat is not None:
+                        stat.copy_(trainer.strategy.reduce(stat.clone(), reduce_op="mean"))
+        load_tensors_(self.averaged.tensors, {n: buffers[n] for n in buffers})
+
+    def _summary_rows(self) -> list[tuple[str, str]]:
+        return [("start step", str(self._start_step)), ("BatchNorm pass batches", str(self._bn_seen))]

@@ -1,0 +1,203 @@
+"""Averaged copies of a module's tensors, paired by name, and the two update rules.
+
+EMA and SWA are one in-place op with different weights: ``avg <- lerp(avg, current, w)``,
+``w = 1 - decay_t`` for EMA and ``w = 1 / (n + 1)`` for SWA's running mean. Floating
+tensors (parameters and buffers such as BatchNorm statistics) are averaged with one
+``torch._foreach_lerp_`` call per (device, dtype) group; integer buffers
+(``num_batches_tracked``) are copied, never averaged. Tensors are paired by their
+qualified name, so re-registering a parameter (as ``torch.nn.utils.prune`` does) cannot
+mis-pair them the way a positional zip does.
+
+Example:
+    >>> model = torch.nn.Linear(4, 2)
+    >>> avg = AveragedWeights(model)
+    >>> for step in range(10):
+    ...     ...  # optimizer step
+    ...     avg.update_(1.0 - ema_decay(avg.num_updates, 0.99))
+    >>> avg.copy_to_(model)  # ship the averaged weights
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["AveragedWeights", "averageable_tensors", "ema_decay", "ema_update_", "load_tensors_", "swa_update_"]
+
+
+def ema_decay(num_updates: int, decay: float, warmup_gamma: float = 1.0, warmup_power: float | None = 2 / 3) -> float:
+    """Decay used by EMA update number ``num_updates`` (0-based).
+
+    With warm-up (timm / ema-pytorch): ``min(decay, 1 - (1 + t / gamma) ** -power)``.
+    The first update (t = 0) always has decay 0, i.e. it initialises the average with the
+    current weights, so an average started late never blends in the initial weights.
+
+    Args:
+        num_updates: number of updates already applied.
+        decay: the asymptotic decay in (0, 1).
+        warmup_gamma: time scale of the warm-up, in updates.
+        warmup_power: warm-up exponent (2/3 for short runs, 3/4 for long ones); None disables it.
+    """
+    if num_updates == 0:
+        return 0.0
+    if warmup_power is None:
+        return decay
+    return min(decay, 1.0 - (1.0 + num_updates / warmup_gamma) ** -warmup_power)
+
+
+@torch.no_grad()
+def ema_update_(averaged: list[Tensor], current: list[Tensor], decay: float) -> None:
+    """``averaged <- decay * averaged + (1 - decay) * current``, in place, one foreach call."""
+    torch._foreach_lerp_(averaged, current, 1.0 - decay)
+
+
+@torch.no_grad()
+def swa_update_(averaged: list[Tensor], current: list[Tensor], num_averaged: int) -> None:
+    """Running equal mean: after the call ``averaged`` is the mean of ``num_averaged + 1`` snapshots."""
+    torch._foreach_lerp_(averaged, current, 1.0 / (num_averaged + 1))
+
+
+def averageable_tensors(module: nn.Module) -> dict[str, Tensor]:
+    """Parameters and persistent buffers of ``module`` by qualified name (tied tensors once)."""
+    out = dict(module.named_parameters())
+    for name, buf in module.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        if leaf not in module.get_submodule(owner)._non_persistent_buffers_set:
+            out[name] = buf
+    return out
+
+
+def _resolve(module: nn.Module, name: str) -> Tensor:
+    owner_name, _, leaf = name.rpartition(".")
+    try:
+        owner = module.get_submodule(owner_name)
+    except AttributeError:
+        owner = None
+    tensor = None if owner is None else owner._parameters.get(leaf, owner._buffers.get(leaf))
+    if tensor is None:
+        raise ValueError(
+            f"'{name}' is averaged but is no longer a parameter or buffer of the model (a reparametrisation "
+            "such as torch.nn.utils.prune renames it to '<name>_orig'). Average the model it was set up with, "
+            "or make such reparametrisations permanent first (lichtenberg's pruning masks in place and keeps names)."
+        )
+    return tensor
+
+
+def _average_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Averages of half-precision weights are kept in float32: a 0.9999 decay underflows in bf16.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class AveragedWeights:
+    """Name-keyed averaged copies of a module's floating tensors (integer buffers copied).
+
+    Args:
+        module: the model to average; its current values initialise the copies.
+        device: where the copies live; None keeps each beside its tensor ("cpu" offloads).
+        names: which tensors to track; default every parameter and persistent buffer.
+    """
+
+    def __init__(self, module: nn.Module, device: str | torch.device | None = None, names: Iterable[str] | None = None):
+        self.device = None if device is None else torch.device(device)
+        self.num_updates = 0
+        self.tensors: dict[str, Tensor] = {}
+        self.buffer_names: set[str] = set()
+        self.add_(module, names)
+
+    def add_(self, module: nn.Module, names: Iterable[str] | None = None) -> list[str]:
+        """Start tracking tensors not tracked yet (e.g. created in ``configure_model``); returns their names."""
+        found = averageable_tensors(module) if names is None else {n: _resolve(module, n) for n in names}
+        params = {n for n, _ in module.named_parameters()}
+        new = [n for n in found if n not in self.tensors]
+        self.buffer_names |= {n for n in new if n not in params}
+        for name in new:
+            t = found[name].detach()
+            dtype = _average_dtype(t.dtype) if t.is_floating_point() else t.dtype
+            self.tensors[name] = t.to(self.device or t.device, dtype, copy=True)
+        self.bind_(module)
+        return new
+
+    def bind_(self, module: nn.Module) -> None:
+        """Resolve the module's tensors by name and group them for the foreach updates.
+
+        Call again whenever parameters may have been re-registered or moved to another device.
+        """
+        current = {name: _resolve(module, name) for name in self.tensors}
+        self._current = current
+        self._groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
+        self._casts: list[tuple[Tensor, Tensor]] = []
+        self._copies: tuple[list[Tensor], list[Tensor]] = ([], [])
+        for name, avg in self.tensors.items():
+            cur = current[name]
+            if not avg.is_floating_point():
+                self._copies[0].append(avg)
+                self._copies[1].append(cur)
+            elif cur.device == avg.device and cur.dtype == avg.dtype:
+                avgs, curs = self._groups.setdefault((avg.device, avg.dtype), ([], []))
+                avgs.append(avg)
+                curs.append(cur)
+            else:
+                self._casts.append((avg, cur))
+
+    @torch.no_grad()
+    def update_(self, weight: float) -> None:
+        """``avg <- avg + weight * (current - avg)`` for floating tensors; integer buffers copied."""
+        for avgs, curs in self._groups.values():
+            torch._foreach_lerp_(avgs, curs, weight)
+        if self._casts:  # different device or dtype: one conversion each, then one lerp
+            avgs = [a for a, _ in self._casts]
+            torch._foreach_lerp_(avgs, [c.to(a.device, a.dtype, non_blocking=True) for a, c in self._casts], weight)
+        if self._copies[0]:
+            torch._foreach_copy_(self._copies[0], self._copies[1])
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_to_(self, module: nn.Module | None = None) -> None:
+        """Write the averages into the module (the bound one by default)."""
+        current = self._current if module is None else {n: _resolve(module, n) for n in self.tensors}
+        load_tensors_(current, self.tensors)
+
+    def snapshot(self) -> dict[str, Tensor]:
+        """Clones of the bound module's current values of every tracked tensor."""
+        return {name: t.detach().clone() for name, t in self._current.items()}
+
+    @torch.no_grad()
+    def restore_(self, snapshot: Mapping[str, Tensor]) -> None:
+        """Write a :meth:`snapshot` back into the bound module."""
+        load_tensors_(self._current, snapshot)
+
+    def to_(self, device: str | torch.device) -> None:
+        """Move the copies (unless a fixed ``device`` was given); call :meth:`bind_` afterwards."""
+        if self.device is None:
+            self.tensors = {n: t.to(device) for n, t in self.tensors.items()}
+
+    def state_dict(self) -> dict:
+        return {"num_updates": self.num_updates, "tensors": dict(self.tensors)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping) -> dict[str, Tensor]:
+        """Load counters and copies; returns the entries whose names are not tracked (yet)."""
+        self.num_updates = int(state["num_updates"])
+        unknown = {}
+        for name, value in state["tensors"].items():
+            if name in self.tensors:
+                self.tensors[name].copy_(value)
+            else:
+                unknown[name] = value
+        return unknown
+
+
+def load_tensors_(dst: Mapping[str, Tensor], src: Mapping[str, Tensor]) -> None:
+    """Copy ``src[name]`` into ``dst[name]`` for every name of ``src``, grouped into foreach copies."""
+    groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
+    for name, s in src.items():
+        d = dst[name]
+        if s.device != d.device or s.dtype != d.dtype:
+            s = s.to(d.device, d.dtype)
+        dl, sl = groups.setdefault((d.device, d.dtype), ([], []))
+        dl.append(d.data)
+        sl.append(s)
+    for dl, sl in groups.values():
+        torch._foreach_copy_(dl, sl)

@@ -1,0 +1,149 @@
+"""The contract registry: every public callback with a canonical config.
+
+``tests/test_contract.py`` runs the generic tests over ``CASES`` (fit, state round-trip,
+crash-resume bit-exact, 2-process DDP, pairwise composition, bf16 / accumulation, CLI YAML).
+A new callback is not done until it has a ``Case`` here.
+
+Everything here is importable at module level because ``ddp_spawn`` pickles it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+from lichtenberg.callbacks import EMA, SWA
+
+__all__ = ["CASES", "Case", "EpochShuffle", "TinyData", "TinyModel", "StateDump", "Crash", "flat_state"]
+
+STEPS_PER_EPOCH = 12  # 96 samples / batch 8
+EPOCHS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """A public callback, its canonical init args, and what its state must show after fit."""
+
+    cls: type
+    init_args: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.cls.__name__
+
+    def make(self) -> Callback:
+        return self.cls(**self.init_args)
+
+    def __str__(self) -> str:  # readable pytest ids
+        return self.name
+
+
+CASES = [
+    Case(EMA, {"decay": 0.9, "start_step": 3, "every_n_steps": 2}),
+    Case(SWA, {"start": 0.25, "every_n": 1, "interval": "epoch", "swa_lr": 0.05}),
+]
+
+
+class EpochShuffle(Sampler[int]):
+    """Shuffles with a seed derived from the epoch, so a resumed run sees the same order."""
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class TinyData(L.LightningDataModule):
+    def __init__(self, batch_size: int = 8):
+        super().__init__()
+        self.batch_size = batch_size
+        g = torch.Generator().manual_seed(123)
+        self.x = torch.randn(96, 8, generator=g)
+        self.y = (self.x[:, :4].argmax(1) + (self.x[:, 4] > 1).long()) % 4
+
+    def train_dataloader(self):
+        ds = TensorDataset(self.x, self.y)
+        return DataLoader(ds, batch_size=self.batch_size, sampler=EpochShuffle(len(ds)))
+
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(self.x[:32], self.y[:32]), batch_size=16)
+
+    test_dataloader = val_dataloader
+
+
+class TinyModel(L.LightningModule):
+    """Linear + BatchNorm (float and integer buffers) + SGD momentum + a step LR schedule."""
+
+    def __init__(self, lr: float = 0.1):
+        super().__init__()
+        self.lr = lr
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", nn.functional.cross_entropy(logits, y), sync_dist=True)
+        self.log("val_acc", (logits.argmax(1) == y).float().mean(), sync_dist=True)
+
+    test_step = validation_step
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)}
+
+
+class Crash(Callback):
+    """Simulates a crash at the start of an epoch (after the previous epoch's checkpoint)."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("simulated crash")
+
+
+class StateDump(Callback):
+    """Writes every callback's state and the model weights per rank (DDP test)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_fit_end(self, trainer, pl_module):
+        states = {type(cb).__name__: cb.state_dict() for cb in trainer.callbacks if type(cb) in {c.cls for c in CASES}}
+        torch.save({"callbacks": states, "model": pl_module.state_dict()}, f"{self.path}/rank{trainer.global_rank}.pt")
+
+
+def flat_state(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts/lists of tensors and scalars flattened to ``{dotted.key: value}``."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(flat_state(v, f"{prefix}{k}."))
+        return out
+    if isinstance(obj, (list, tuple)):
+        return flat_state(dict(enumerate(obj)), prefix)
+    return {prefix.rstrip("."): obj}

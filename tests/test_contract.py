@@ -1,0 +1,190 @@
+"""Generic contract tests, parametrized over every public callback in ``tests/cases.py``."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+import lichtenberg.callbacks
+from tests.cases import CASES, EPOCHS, Crash, StateDump, TinyData, TinyModel, flat_state
+
+BASE = dict(
+    accelerator="cpu",
+    devices=1,
+    logger=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    deterministic=True,
+)
+
+
+def fit(callbacks, ckpt_path=None, **kwargs):
+    L.seed_everything(0)
+    model = TinyModel()
+    kwargs = {**BASE, "max_epochs": EPOCHS, "enable_checkpointing": False, **kwargs}
+    if any(isinstance(cb, ModelCheckpoint) for cb in callbacks):
+        kwargs["enable_checkpointing"] = True
+    trainer = L.Trainer(callbacks=callbacks, **kwargs)
+    trainer.fit(model, datamodule=TinyData(), ckpt_path=ckpt_path)
+    return trainer, model
+
+
+def assert_same(a, b, what):
+    fa, fb = flat_state(a), flat_state(b)
+    assert fa.keys() == fb.keys(), what
+    for key in fa:
+        if isinstance(fa[key], torch.Tensor):
+            assert torch.equal(fa[key], fb[key]), f"{what}: {key} differs"
+        else:
+            assert fa[key] == fb[key], f"{what}: {key} {fa[key]} != {fb[key]}"
+
+
+def expected_updates(case, trainer) -> int:
+    """Updates the canonical config must make, derived from the trainer's step counts."""
+    steps, per_epoch = trainer.global_step, trainer.global_step // trainer.max_epochs
+    if case.name == "EMA":
+        a = case.init_args
+        return sum(1 for s in range(1, steps + 1) if s > a["start_step"] and s % a["every_n_steps"] == 0)
+    if case.name == "SWA":
+        start = int(case.init_args["start"] * steps)
+        return sum(1 for e in range(trainer.max_epochs) if (e + 1) * per_epoch > start)
+    raise AssertionError(f"no expectation for {case}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_fit_updates_evaluates_and_ships_the_average(case):
+    cb = case.make()
+    trainer, model = fit([cb])
+    state = cb.state_dict()
+    assert state["num_updates"] == expected_updates(case, trainer) > 0
+    assert cb.raw_weights is not None, "after fit the module holds the averaged weights"
+    for name, tensor in model.state_dict().items():
+        assert torch.isfinite(tensor.float()).all()
+        assert torch.equal(tensor, state["tensors"][name].to(tensor.dtype)), name
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, cb.raw_weights[n])]
+    assert moved, "the averaged weights differ from the last iterate"
+    assert torch.isfinite(trainer.callback_metrics["val_acc"])
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_state_dict_round_trip(case):
+    cb = case.make()
+    fit([cb], max_epochs=2)
+    buffer = io.BytesIO()
+    torch.save(cb.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = case.make()
+    fresh.load_state_dict(torch.load(buffer))
+    assert_same(fresh.state_dict(), cb.state_dict(), "state after round trip")
+
+
+def crash_and_resume(callbacks_factory, tmp_path: Path, **kwargs):
+    """Uninterrupted run vs crash after epoch 1 + resume from its checkpoint."""
+    ref_cbs = callbacks_factory()
+    _, ref = fit(ref_cbs, **kwargs)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(callbacks_factory() + [Crash(2), ModelCheckpoint(dirpath=run_dir, save_top_k=-1)], **kwargs)
+    ckpt = run_dir / "epoch=1-step=24.ckpt"
+    assert ckpt.exists(), sorted(p.name for p in run_dir.iterdir())
+    cbs = callbacks_factory()
+    _, resumed = fit(cbs, ckpt_path=str(ckpt), **kwargs)
+    return ref_cbs, ref, cbs, resumed
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_crash_resume_is_bit_exact(case, tmp_path):
+    (ref_cb,), ref, (cb,), resumed = crash_and_resume(lambda: [case.make()], tmp_path)
+    assert_same(resumed.state_dict(), ref.state_dict(), "final (averaged) weights")
+    assert_same(cb.raw_weights, ref_cb.raw_weights, "final raw weights")
+    assert_same(cb.state_dict(), ref_cb.state_dict(), "callback state")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_ddp_two_processes_agree(case, tmp_path):
+    cb = case.make()
+    trainer = L.Trainer(
+        **{**BASE, "devices": 2}, strategy="ddp_spawn", max_epochs=EPOCHS, enable_checkpointing=False,
+        callbacks=[cb, StateDump(str(tmp_path))],
+    )
+    L.seed_everything(0)
+    trainer.fit(TinyModel(), datamodule=TinyData())
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["callbacks"][case.name]["num_updates"] > 0
+    assert_same(r0["callbacks"], r1["callbacks"], "callback state across ranks")
+    assert_same(r0["model"], r1["model"], "final weights across ranks")
+
+
+PAIRS = list(itertools.combinations(CASES, 2))
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=lambda p: "+".join(map(str, p)))
+def test_pairs_compose_and_resume_bit_exact(pair, tmp_path):
+    first, second = pair
+    refs, ref, cbs, resumed = crash_and_resume(lambda: [first.make(), second.make()], tmp_path)
+    for case, ref_cb, cb in zip(pair, refs, cbs):
+        assert cb.state_dict()["num_updates"] > 0, case
+        assert_same(cb.state_dict(), ref_cb.state_dict(), f"{case} state")
+    assert_same(resumed.state_dict(), ref.state_dict(), "final weights")
+    # The later averaging callback ships its average; the earlier keeps its own in its state.
+    shipped = cbs[-1].state_dict()["tensors"]
+    for name, tensor in resumed.state_dict().items():
+        assert torch.equal(tensor, shipped[name].to(tensor.dtype)), name
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("setting", [{"precision": "bf16-mixed"}, {"accumulate_grad_batches": 2}], ids=["bf16", "accum2"])
+def test_precision_and_accumulation(case, setting):
+    cb = case.make()
+    trainer, model = fit([cb], **setting)
+    expected_steps = EPOCHS * 12 // setting.get("accumulate_grad_batches", 1)
+    assert trainer.global_step == expected_steps
+    assert cb.state_dict()["num_updates"] == expected_updates(case, trainer) > 0
+    assert all(torch.isfinite(t.float()).all() for t in model.state_dict().values())
+
+
+def _cli(args):
+    return LightningCLI(
+        TinyModel, TinyData, args=args, save_config_kwargs={"overwrite": True}, trainer_defaults={"logger": False}
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_cli_yaml_instantiate_and_print_config_round_trip(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lichtenberg"])
+    config = {
+        "trainer": {
+            "max_epochs": 2,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "enable_checkpointing": False,
+            "default_root_dir": str(tmp_path),
+            "callbacks": [{"class_path": f"lichtenberg.callbacks.{case.name}", "init_args": case.init_args}],
+        }
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit):
+        _cli(["fit", "--config", str(path), "--print_config"])
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    assert f"lichtenberg.callbacks.{case.name}" in printed.read_text()
+    cli = _cli(["fit", "--config", str(printed)])
+    (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, getattr(lichtenberg.callbacks, case.name))]
+    for key, value in case.init_args.items():
+        assert getattr(cb, key) == value, key
+    assert cb.state_dict()["num_updates"] > 0
+
+
+def test_every_public_callback_is_registered():
+    assert {c.name for c in CASES} == set(lichtenberg.callbacks.__all__)
