@@ -101,6 +101,10 @@ class _Averaging(Callback):
                 )
         self._pending = {}
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning restores global_step only after on_fit_start; from here on it is final.
+        self._last_step = trainer.global_step
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Re-resolve by name: another callback may have re-registered parameters since.
         assert self.averaged is not None
@@ -211,10 +215,9 @@ class _Averaging(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.averaged is None:  # loaded but not set up yet
             return dict(self._pending)
-        return {"last_step": self._last_step, **self.averaged.state_dict()}
+        return self.averaged.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._last_step = int(state_dict["last_step"])
         self._raw = None  # the model was (re)loaded with raw weights
         self._held_for_eval = False
         if self.averaged is None:

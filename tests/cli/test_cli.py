@@ -1,0 +1,80 @@
+"""The `lichtenberg` console script: recipes parse and run, the default job prints its summary."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from lichtenberg.cli import main, recipe_path, recipes
+from lichtenberg.cli.main import _resolve_args
+
+QUIET = ["--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--trainer.enable_model_summary", "false"]
+
+
+@pytest.fixture(autouse=True)
+def _argv(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["lichtenberg"])
+    monkeypatch.chdir(tmp_path)  # config.yaml and logs land in the test's folder
+
+
+def test_shipped_recipes_include_the_default_and_one_per_demo_model():
+    names = recipes()
+    assert "default" in names
+    models = {yaml.safe_load(open(recipe_path(n)))["model"]["class_path"].rsplit(".", 1)[1] for n in names}
+    assert models == {"SmallCNN", "MLP", "TinyTransformerLM"}
+
+
+def test_config_names_resolve_and_default_recipe_is_implied():
+    assert _resolve_args(["fit"])[:3] == ["fit", "--config", recipe_path("default")]
+    assert _resolve_args(["fit", "--config", "swa-digits"])[2].endswith("recipes/swa-digits.yaml")
+    with pytest.raises(ValueError, match="neither a file nor a shipped recipe"):
+        _resolve_args(["fit", "--config", "nope"])
+
+
+@pytest.mark.parametrize("name", recipes())
+def test_each_recipe_runs_with_fast_dev_run(name, capsys):
+    main(["fit", "--config", name, "--trainer.fast_dev_run", "2", *QUIET])
+    out = capsys.readouterr().out
+    assert "lichtenberg fit summary" in out
+    assert "last iterate (raw weights)" in out
+
+
+def test_default_job_prints_raw_and_averaged_validation(capsys):
+    main(["fit", "--trainer.max_epochs", "1", *QUIET])
+    out = capsys.readouterr().out
+    assert "SmallCNN / DigitsDataModule" in out
+    assert "val_acc, EMA average (40 updates)" in out  # 1257 train images / batch 32 = 40 steps
+    assert "the model now holds" in out and "EMA average" in out
+
+
+def test_print_config_feeds_back_into_fit(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "ema-swa-digits", "--print_config"])
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    config = yaml.safe_load(printed.read_text())
+    kinds = [cb["class_path"] for cb in config["trainer"]["callbacks"]]
+    assert kinds == ["lichtenberg.callbacks.EMA", "lichtenberg.callbacks.SWA"]
+    main(["fit", "--config", str(printed), "--trainer.fast_dev_run", "2", *QUIET])
+    assert "SWA average" in capsys.readouterr().out
+
+
+def test_bad_callback_argument_fails_before_training(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "lichtenberg.callbacks.EMA", "init_args": {"decay": 1.5}}]}}))
+    with pytest.raises(ValueError) as info:
+        main(["fit", "--config", "default", "--config", str(bad), *QUIET])
+    messages, err = [], info.value
+    while err is not None:  # jsonargparse wraps the callback's own error
+        messages.append(str(err))
+        err = err.__cause__ or err.__context__
+    assert any("decay=1.5 must lie in (0, 1)" in m for m in messages), messages
+    assert not (tmp_path / "lightning_logs").exists(), "nothing trained"
+
+
+def test_console_script_lists_recipes():
+    result = subprocess.run([sys.executable, "-c", "from lichtenberg.cli import main; main(['recipes'])"],
+                            capture_output=True, text=True, check=True)
+    assert "default" in result.stdout and "swa-digits" in result.stdout
