@@ -83,6 +83,9 @@ class _Averaging(Callback):
             self.averaged = AveragedWeights(pl_module, device="cpu" if self.offload_to_cpu else None)
         if self._pending:
             self.load_state_dict(self._pending)
+        if stage == "fit" and self._raw is not None:  # a second fit trains on from the raw weights
+            self._release_averaged()
+            rank_zero_info(f"{type(self).__name__}: restored the raw weights to continue training.")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.averaged is not None

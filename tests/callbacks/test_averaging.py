@@ -87,6 +87,19 @@ def test_checkpoint_loads_into_a_plain_module_without_lichtenberg(tmp_path):
     TinyModel.load_from_checkpoint(path)  # strict key match: no extra or missing keys
 
 
+def test_a_second_fit_continues_from_the_raw_weights():
+    class StartWeights(Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.weights = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    ema, start = EMA(decay=0.9), StartWeights()
+    trainer, model = fit([ema], max_epochs=1)
+    raw = {k: v.clone() for k, v in ema.raw_weights.items()}
+    L.Trainer(callbacks=[ema, start], max_epochs=1, **BASE).fit(model, datamodule=TinyData())
+    assert all(torch.equal(start.weights[k], raw[k]) for k in raw)
+    assert ema.averaged.num_updates == 24  # 12 + 12: the average carried on as well
+
+
 def test_start_and_interval_count_optimizer_steps():
     ema = EMA(decay=0.9, start_step=10, every_n_steps=4)
     trainer, _ = fit([ema])  # 36 steps
