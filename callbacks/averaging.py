@@ -91,7 +91,12 @@ class EMA(_Averaging):
         return step > self.start_step and step % self.every_n_steps == 0
 
     def _summary_rows(self) -> list[tuple[str, str]]:
-        return [("decay (target / last)", f"{self.decay} / {self.current_decay():.6f}")]
+        rows = [("decay (target / last)", f"{self.decay} / {self.current_decay():.6f}")]
+        if self.averaged is not None and self.averaged.num_updates and self.current_decay() < self.decay:
+            # timm's warm-up reaches 0.999 only after ~30k updates: say so rather than surprise.
+            rows.append(("note", "the warm-up kept the decay below its target for this whole run; "
+                                 "for short runs lower `decay` or set `warmup_power: null`"))
+        return rows
 
 
 class SWA(_Averaging):

@@ -1,0 +1,333 @@
+"""Shared benchmark plumbing: interleaved repetitions, robust summaries, results sections.
+
+Protocol (ARCHITECTURE.md §6): variants are measured in the same process and run,
+interleaved, and compared by median ratios rather than absolute times, because a 2-core
+machine drifts (thermal, other tenants) far more over minutes than between adjacent runs.
+Quality is reported as mean ± std over seeds.
+
+Each benchmark replaces its own section of ``docs/results.md`` (between
+``<!-- bench:NAME -->`` markers) so several benchmarks can share the file, and embeds its
+raw numbers there too: ``benchmarks/out/`` is git-ignored.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning
+import torch
+
+__all__ = [
+    "REPO_ROOT",
+    "ForeignLoad",
+    "command_line",
+    "header",
+    "interleaved",
+    "machine",
+    "markdown_table",
+    "mean_std",
+    "median",
+    "minor_faults",
+    "pin_allocator",
+    "quantiles",
+    "quiet_lightning",
+    "ratio_table",
+    "wait_for_quiet",
+    "write_json",
+    "write_section",
+]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def interleaved(
+    variants: Mapping[str, Callable[[], float]],
+    repeats: int,
+    *,
+    max_foreign: float | None = None,
+    max_retries: int = 3,
+    log: list[dict[str, Any]] | None = None,
+    extras: dict[str, list[Any]] | None = None,
+) -> dict[str, list[float]]:
+    """Call every variant ``repeats`` times in rotating order (ABC, BCA, CAB, ...).
+
+    A variant returns its measurement, or ``(measurement, extra)``: the extras of kept rounds
+    are appended to ``extras[name]``, aligned with the measurements.
+
+    Rotating the start spreads slow drifts and "first after a switch" effects evenly
+    over the variants instead of always charging them to the same one.
+
+    With ``max_foreign`` (a share of the machine's CPU time, e.g. 0.1), a round during which
+    other processes used more than that is thrown away and run again after the machine is
+    quiet (at most ``max_retries`` times; then it is kept and flagged). On a shared 2-core box
+    one test suite started by someone else slows a fit 10-20x, which no median absorbs when
+    it spans several neighbouring fits. Every round's foreign load goes to ``log``.
+    """
+    names = list(variants)
+    results: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        k = r % len(names)
+        order = names[k:] + names[:k]
+        for attempt in range(max_retries + 1):
+            if max_foreign is not None:
+                wait_for_quiet(max_foreign)
+            values, extra, foreign = {}, {}, {}
+            for name in order:
+                probe = ForeignLoad()
+                out = variants[name]()
+                foreign[name] = probe.share()
+                values[name], extra[name] = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
+            worst = max((f for f in foreign.values() if f is not None), default=None)
+            disturbed = max_foreign is not None and worst is not None and worst > max_foreign
+            keep = not disturbed or attempt == max_retries
+            if log is not None:
+                log.append({"round": r, "attempt": attempt, "kept": keep, "disturbed": disturbed, "foreign": foreign})
+            if keep:
+                break
+        for name in names:
+            results[name].append(float(values[name]))
+            if extras is not None:
+                extras.setdefault(name, []).append(extra[name])
+    return results
+
+
+class ForeignLoad:
+    """Share of the machine's CPU time used by OTHER processes (and the hypervisor) since creation.
+
+    Linux only (``/proc``); elsewhere ``share()`` returns None. Steal time counts as foreign.
+    """
+
+    def __init__(self) -> None:
+        self._start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[float, int, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+            with open("/proc/self/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        busy = v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)  # user nice system irq softirq steal
+        own = int(fields[11]) + int(fields[12])  # utime + stime of all our threads
+        return time.monotonic(), busy, own
+
+    def share(self) -> float | None:
+        end = self._read()
+        if end is None or self._start is None:
+            return None
+        (t0, b0, o0), (t1, b1, o1) = self._start, end
+        capacity = (t1 - t0) * (os.cpu_count() or 1) * os.sysconf("SC_CLK_TCK")
+        return max(0.0, ((b1 - b0) - (o1 - o0)) / capacity) if capacity > 0 else None
+
+
+def wait_for_quiet(max_foreign: float, window_s: float = 1.0, timeout_s: float = 300.0) -> bool:
+    """Block until other processes use at most ``max_foreign`` of the CPUs for ``window_s``; False on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        probe = ForeignLoad()
+        time.sleep(window_s)
+        share = probe.share()
+        if share is None or share <= max_foreign:
+            return True
+    return False
+
+
+def pin_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:
+    """Fix glibc malloc's mmap and trim thresholds for the rest of the process; False if not glibc.
+
+    By default glibc adapts both thresholds as the process frees memory, so whether a step's
+    multi-MiB temporaries (Adam's foreach intermediates, an ``avg_fn``'s products) are reused
+    or handed back to the kernel and faulted in again (~12,000 minor faults, ~10 ms per step
+    for a 6 M-parameter Adam step here) depends on what earlier fits in the same process
+    happened to allocate. Fits then fall into a fast or a slow mode at random, which swamps a
+    few-percent effect. Pinned thresholds keep freed memory in the heap for every variant alike.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # from malloc.h
+        return bool(libc.mallopt(m_mmap_threshold, mmap_threshold)) and bool(
+            libc.mallopt(m_trim_threshold, trim_threshold)
+        )
+    except (OSError, AttributeError):
+        return False
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is unavailable)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's per-fit banners and the warnings every tiny in-memory run triggers."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in (".*does not have many workers.*", ".*GPU available but not used.*", ".*LeafSpec.*is deprecated.*"):
+        warnings.filterwarnings("ignore", pattern)
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def quantiles(values: Sequence[float]) -> tuple[float, float]:
+    """(25th, 75th) percentile; with fewer than 4 values, (min, max)."""
+    if len(values) < 4:
+        return float(min(values)), float(max(values))
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return float(q[0]), float(q[2])
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    vals = [float(v) for v in values]
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def ratio_table(results: Mapping[str, Sequence[float]], baseline: str) -> list[dict[str, Any]]:
+    """One row per variant: median, IQR, and the ratio of medians vs ``baseline``.
+
+    Also the spread of the ratio: the per-repetition ratios (repetition i of the variant over
+    repetition i of the baseline, which ran next to each other) give its min and max.
+    """
+    base = results[baseline]
+    base_med = median(base)
+    rows = []
+    for name, vals in results.items():
+        pairs = [v / b for v, b in zip(vals, base)]
+        q1, q3 = quantiles(vals)
+        rows.append(
+            {
+                "variant": name,
+                "median": median(vals),
+                "q1": q1,
+                "q3": q3,
+                "ratio": median(vals) / base_med,
+                "ratio_min": min(pairs),
+                "ratio_max": max(pairs),
+                "n": len(vals),
+            }
+        )
+    return rows
+
+
+def markdown_table(header_row: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header_row) + " |", "|" + "|".join("---" for _ in header_row) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+    }
+
+
+def command_line() -> str:
+    """The command that is running, as it could be retyped from the repository root."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:
+        head = ["python", "-m", spec.name.removesuffix(".__main__")]
+    else:
+        head = ["python", os.path.relpath(sys.argv[0], REPO_ROOT)]
+    return shlex.join(head + sys.argv[1:])
+
+
+def header(runtime_s: float | None = None) -> str:
+    """One line naming machine, versions, date and command: enough to reproduce or distrust a table."""
+    m = machine()
+    parts = [
+        f"{m['platform']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads)",
+        f"Python {m['python']}, torch {m['torch']}, lightning {m['lightning']}",
+        _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+    ]
+    if runtime_s is not None:
+        parts.append(f"runtime {runtime_s:.0f} s")
+    return f"_Measured on {'; '.join(parts)}. Command: `{command_line()}`_"
+
+
+def _section_pattern(name: str) -> re.Pattern:
+    return re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
+
+
+def write_section(name: str, markdown: str, path: str | Path = "docs/results.md", data: Any = None) -> Path:
+    """Replace (or append) the ``NAME`` section of ``path``, leaving every other section as it is.
+
+    With ``data``, the raw numbers are appended to the section as collapsed JSON, so the
+    committed file stays traceable even though ``benchmarks/out/`` is not committed.
+    """
+    path = Path(path)
+    if not path.is_absolute():
+        path = REPO_ROOT / path
+    body = markdown.strip()
+    if data is not None:
+        raw = json.dumps(_rounded(data), separators=(",", ":"), default=_json_default)
+        body += f"\n\n<details><summary>raw data ({name})</summary>\n\n```json\n{raw}\n```\n\n</details>"
+    block = f"<!-- bench:{name} -->\n{body}\n<!-- /bench:{name} -->"
+    text = path.read_text() if path.exists() else _RESULTS_INTRO
+    pattern = _section_pattern(name)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+_RESULTS_INTRO = "# Results — written by the scripts in benchmarks/; do not edit sections by hand\n"
+
+
+def write_json(name: str, data: Any) -> Path:
+    """Write ``benchmarks/out/NAME.json`` (git-ignored; the section embeds the same data)."""
+    out = REPO_ROOT / "benchmarks" / "out" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1, default=_json_default))
+    return out
+
+
+def _rounded(data: Any, digits: int = 5) -> Any:
+    """Floats cut to ``digits`` significant digits: the embedded copy stays short, not lossy in practice."""
+    if isinstance(data, float):
+        return float(f"{data:.{digits}g}")
+    if isinstance(data, dict):
+        return {k: _rounded(v, digits) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_rounded(v, digits) for v in data]
+    return data
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
