@@ -1,5 +1,6 @@
 """Lightning callbacks: thin adapters from Trainer time to ``lichtenberg.core`` calls."""
 
 from .averaging import EMA, SWA
+from .pruning import GradualPruning
 
-__all__ = ["EMA", "SWA"]
+__all__ = ["EMA", "GradualPruning", "SWA"]

@@ -1,5 +1,5 @@
 """Torch-only math of every lichtenberg technique. This package never imports lightning."""
 
-from . import averaging
+from . import averaging, schedules, sparsity, targets
 
-__all__ = ["averaging"]
+__all__ = ["averaging", "schedules", "sparsity", "targets"]

@@ -10,6 +10,7 @@ Everything here is importable at module level because ``ddp_spawn`` pickles it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -18,35 +19,86 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from lichtenberg.callbacks import EMA, SWA
+from lichtenberg.callbacks import EMA, SWA, GradualPruning
+from lichtenberg.core.schedules import SparsitySchedule
 
-__all__ = ["CASES", "Case", "EpochShuffle", "TinyData", "TinyModel", "StateDump", "Crash", "flat_state"]
+__all__ = ["CASES", "Case", "active", "EpochShuffle", "TinyData", "TinyModel", "StateDump", "Crash", "flat_state"]
 
 STEPS_PER_EPOCH = 12  # 96 samples / batch 8
 EPOCHS = 4
 
 
+def _averaging_updates(cb, trainer) -> int:
+    """Updates EMA / SWA must have made, derived from the trainer's step counts."""
+    steps, per_epoch = trainer.global_step, trainer.global_step // trainer.max_epochs
+    if isinstance(cb, EMA):
+        return sum(1 for s in range(1, steps + 1) if s > cb.start_step and s % cb.every_n_steps == 0)
+    start = int(cb.start * steps)
+    return sum(1 for e in range(trainer.max_epochs) if (e + 1) * per_epoch > start)
+
+
+def check_averaging(cb, trainer, model) -> None:
+    state = cb.state_dict()
+    assert state["num_updates"] == _averaging_updates(cb, trainer) > 0
+    assert cb.raw_weights is not None, "after fit the module holds the averaged weights"
+    for name, tensor in model.state_dict().items():
+        if name in state["tensors"]:
+            assert torch.equal(tensor, state["tensors"][name].to(tensor.dtype)), name
+    assert any(not torch.equal(p, cb.raw_weights[n]) for n, p in model.named_parameters()), "average == last iterate"
+
+
+def check_pruning(cb, trainer, model) -> None:
+    assert trainer.global_step >= cb._end, "the schedule must have finished"
+    masks, params = cb.engine.masks, cb.engine.params
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int(m.sum()) for m in masks.values()) == round((1 - cb.sparsity) * total)  # global (LAMP): exact
+    for name, param in params.items():
+        assert (param[~masks[name]] == 0).all(), f"{name}: a pruned weight is non-zero"
+    events = [t for t in range(trainer.global_step) if cb.schedule.is_event(t, cb._start, cb._end)]
+    assert cb.state_dict()["events"] == len(events) > 1
+
+
+def active(cb) -> bool:
+    """Whether a callback did anything during fit (for pairwise runs)."""
+    if isinstance(cb, GradualPruning):
+        return cb.state_dict()["events"] > 0
+    return cb.state_dict()["num_updates"] > 0
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """A public callback, its canonical init args, and what its state must show after fit."""
+    """A public callback, its canonical init args (YAML-able), and what fit must show."""
 
     cls: type
     init_args: dict[str, Any]
+    check: Callable[[Callback, L.Trainer, L.LightningModule], None]
+    builders: dict[str, type] = dataclasses.field(default_factory=dict)  # dataclass-typed args
 
     @property
     def name(self) -> str:
         return self.cls.__name__
 
+    def value(self, key: str) -> Any:
+        """The Python value of one init arg (dicts for dataclass args are built)."""
+        raw = self.init_args[key]
+        return self.builders[key](**raw) if key in self.builders else raw
+
     def make(self) -> Callback:
-        return self.cls(**self.init_args)
+        return self.cls(**{k: self.value(k) for k in self.init_args})
 
     def __str__(self) -> str:  # readable pytest ids
         return self.name
 
 
 CASES = [
-    Case(EMA, {"decay": 0.9, "start_step": 3, "every_n_steps": 2}),
-    Case(SWA, {"start": 0.25, "every_n": 1, "interval": "epoch", "swa_lr": 0.05}),
+    Case(EMA, {"decay": 0.9, "start_step": 3, "every_n_steps": 2}, check_averaging),
+    Case(SWA, {"start": 0.25, "every_n": 1, "interval": "epoch", "swa_lr": 0.05}, check_averaging),
+    Case(
+        GradualPruning,
+        {"sparsity": 0.75, "schedule": {"kind": "cubic", "start": 0.1, "end": 0.6, "every_n_steps": 4}, "allocation": "lamp"},
+        check_pruning,
+        {"schedule": SparsitySchedule},
+    ),
 ]
 
 

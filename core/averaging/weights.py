@@ -14,7 +14,7 @@ Example:
     >>> for step in range(10):
     ...     ...  # optimizer step
     ...     avg.update_(1.0 - ema_decay(avg.num_updates, 0.99))
-    >>> avg.copy_to_(model)  # ship the averaged weights
+    >>> avg.copy_to_()  # ship the averaged weights
 """
 
 from __future__ import annotations
@@ -60,13 +60,23 @@ def swa_update_(averaged: list[Tensor], current: list[Tensor], num_averaged: int
 
 
 def averageable_tensors(module: nn.Module) -> dict[str, Tensor]:
-    """Parameters and persistent buffers of ``module`` by qualified name (tied tensors once)."""
+    """Parameters and persistent buffers of ``module`` by qualified name (tied tensors once).
+
+    Bool buffers (sparsity masks) are structure, not state to average, and are left out.
+    """
     out = dict(module.named_parameters())
     for name, buf in module.named_buffers():
         owner, _, leaf = name.rpartition(".")
-        if leaf not in module.get_submodule(owner)._non_persistent_buffers_set:
+        if leaf not in module.get_submodule(owner)._non_persistent_buffers_set and buf.dtype != torch.bool:
             out[name] = buf
     return out
+
+
+def _mask_of(module: nn.Module, name: str) -> Tensor | None:
+    """The bool ``<name>_mask`` buffer beside a tensor, if a sparsity technique attached one."""
+    owner, _, leaf = name.rpartition(".")
+    mask = module.get_submodule(owner)._buffers.get(f"{leaf}_mask")
+    return mask if mask is not None and mask.dtype == torch.bool else None
 
 
 def _resolve(module: nn.Module, name: str) -> Tensor:
@@ -126,6 +136,9 @@ class AveragedWeights:
         """
         current = {name: _resolve(module, name) for name in self.tensors}
         self._current = current
+        # Averages written into a sparse model stay on its current masks.
+        masks = {name: _mask_of(module, name) for name in self.tensors}
+        self._masked = ([current[n] for n, m in masks.items() if m is not None], [m for m in masks.values() if m is not None])
         self._groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
         self._casts: list[tuple[Tensor, Tensor]] = []
         self._copies: tuple[list[Tensor], list[Tensor]] = ([], [])
@@ -154,10 +167,11 @@ class AveragedWeights:
         self.num_updates += 1
 
     @torch.no_grad()
-    def copy_to_(self, module: nn.Module | None = None) -> None:
-        """Write the averages into the module (the bound one by default)."""
-        current = self._current if module is None else {n: _resolve(module, n) for n in self.tensors}
-        load_tensors_(current, self.tensors)
+    def copy_to_(self) -> None:
+        """Write the averages into the bound module (zeroed where a sparsity mask prunes)."""
+        load_tensors_(self._current, self.tensors)
+        if self._masked[0]:
+            torch._foreach_mul_(*self._masked)
 
     def snapshot(self) -> dict[str, Tensor]:
         """Clones of the bound module's current values of every tracked tensor."""

@@ -197,3 +197,17 @@ def test_update_bn_recomputes_exact_statistics():
     torch.testing.assert_close(net[0].running_var, torch.stack([x.var(0) for x in data]).mean(0))
     assert net[0].momentum == 0.1  # restored
     assert update_bn_(net, data, lambda m, x: m(x), max_batches=2) == 2
+
+
+def test_averages_written_into_a_sparse_model_stay_on_its_mask():
+    net = nn.Linear(4, 3)
+    avg = AveragedWeights(net)
+    avg.update_(1.0)  # dense average
+    mask = torch.rand(3, 4) > 0.5
+    net.register_buffer("weight_mask", mask)
+    assert "weight_mask" not in averageable_tensors(net)  # masks are structure, never averaged
+    avg.bind_(net)
+    avg.copy_to_()
+    assert (net.weight[~mask] == 0).all()
+    assert torch.equal(net.weight[mask], avg.tensors["weight"][mask])
+    assert torch.equal(net.weight_mask, mask)

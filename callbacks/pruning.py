@@ -1,0 +1,200 @@
+"""GradualPruning: magnitude / activation-aware / gradient pruning on a step-level schedule.
+
+Masks are bool buffers beside the weights (``lichtenberg.core.sparsity.MaskEngine``): they
+are in every checkpoint, identical on every rank (computed from synchronised weights, norms
+and gradients), and excluded from DDP's per-step buffer broadcast.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from ..core.schedules import SparsitySchedule
+from ..core.sparsity import (
+    Allocation,
+    InputNorms,
+    MaskEngine,
+    check_nm,
+    gradient_score,
+    magnitude_score,
+    parse_pattern,
+    prune_masks,
+    wanda_score,
+)
+from ..core.targets import Targets, select_targets
+from ._summary import format_table
+
+__all__ = ["GradualPruning"]
+
+_ALLOCATIONS = ("uniform", "global", "global_floor", "lamp", "erk")
+
+
+class GradualPruning(Callback):
+    """Prune target weights to ``sparsity`` along a schedule (Zhu & Gupta's cubic by default).
+
+    At every pruning event (optimizer-step based) new masks are computed from the scores,
+    the budget is split across layers by ``allocation``, and optimizer state of newly pruned
+    slots is zeroed. Between events gradients are masked before each optimizer step and the
+    weights re-masked after it, so pruned weights stay exactly zero with any optimizer.
+
+    Args:
+        sparsity: final fraction of the target weights pruned, in [0, 1). For an N:M pattern
+            it must equal 1 - N/M.
+        schedule: when pruning happens (kind, start, end, every_n_steps, initial).
+        score: "magnitude" |w|, "wanda" |w| * ||x|| (input norms collected on event steps
+            only), or "gradient" |w * g|.
+        allocation: how the budget is split across layers: "uniform", "global",
+            "global_floor" (every layer keeps >= 1%), "lamp" or "erk".
+        pattern: "unstructured", or "N:M" (e.g. "2:4": N kept of every M consecutive inputs).
+        targets: which weights (default: weight of every Linear, Conv1d and Conv2d).
+        rewind: lottery-ticket rewinding of surviving weights to their initial values at
+            each event (off by default).
+        make_permanent: remove the mask buffers at the end of fit (a plain module remains).
+
+    Example:
+        >>> trainer = Trainer(max_epochs=20, callbacks=[GradualPruning(sparsity=0.9)])
+    """
+
+    def __init__(
+        self,
+        sparsity: float = 0.5,
+        schedule: SparsitySchedule | None = None,
+        score: Literal["magnitude", "wanda", "gradient"] = "magnitude",
+        allocation: Allocation = "uniform",
+        pattern: str = "unstructured",
+        targets: Targets | None = None,
+        rewind: bool = False,
+        make_permanent: bool = False,
+    ) -> None:
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity={sparsity} must lie in [0, 1): it is the fraction of weights removed.")
+        if score not in ("magnitude", "wanda", "gradient"):
+            raise ValueError(f"score={score!r} must be 'magnitude', 'wanda' or 'gradient'.")
+        if allocation not in _ALLOCATIONS:
+            raise ValueError(f"allocation={allocation!r} must be one of {', '.join(_ALLOCATIONS)}.")
+        self.nm = parse_pattern(pattern)
+        if self.nm is not None and abs(sparsity - (1 - self.nm[0] / self.nm[1])) > 1e-9:
+            raise ValueError(
+                f"pattern={pattern!r} prunes {1 - self.nm[0] / self.nm[1]:g} of the weights, but sparsity={sparsity}: "
+                f"set sparsity={1 - self.nm[0] / self.nm[1]:g}."
+            )
+        self.sparsity = sparsity
+        self.schedule = schedule or SparsitySchedule()
+        self.score = score
+        self.allocation = allocation
+        self.pattern = pattern
+        self.targets = targets or Targets()
+        self.rewind = rewind
+        self.make_permanent = make_permanent
+        self.engine: MaskEngine | None = None
+        self._start, self._end = 0, 0
+        self._norms: InputNorms | None = None
+        self._initial: dict[str, torch.Tensor] = {}
+        self._hooks: list = []
+        self._events = 0
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(sparsity=self.sparsity, pattern=self.pattern)
+
+    # -- set-up --------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.engine is not None:
+            return
+        selection = select_targets(pl_module, self.targets)
+        if self.nm is not None:
+            for name, param in selection.params.items():
+                check_nm(name, param.shape, self.nm[1])
+        rank_zero_info(f"GradualPruning: {selection.report()}")
+        self.engine = MaskEngine.attach_(pl_module, selection.params)
+        self._modules = selection.modules
+        # Masks change only at events: keep DDP from broadcasting them on every forward.
+        ignored = set(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", ()))
+        pl_module._ddp_params_and_buffers_to_ignore = sorted(ignored | set(self.engine.buffer_names))
+        if self.rewind and not self._initial:
+            self._initial = {n: p.detach().clone() for n, p in selection.params.items()}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.engine is not None
+        self.engine.rebind_()  # moving the module to its device replaced the buffers
+        self._start, self._end = self.schedule.resolve(trainer.estimated_stepping_batches)
+        self._hooks = [opt.register_step_post_hook(lambda *_: self.engine.apply_()) for opt in trainer.optimizers]
+        rank_zero_info(f"GradualPruning: events at optimizer steps {self._start}..{self._end} every {self.schedule.every_n_steps}.")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    # -- training ------------------------------------------------------------------------
+    def _is_event(self, step: int) -> bool:
+        return self.schedule.is_event(step, self._start, self._end)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.score == "wanda" and self._norms is None and self._is_event(trainer.global_step):
+            self._norms = InputNorms(self._modules).__enter__()
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        assert self.engine is not None
+        step = trainer.global_step
+        if self._is_event(step) and self._events_done_at != step:
+            self._prune(trainer, pl_module, step)
+        if step >= self._start:
+            self.engine.mask_grads_()
+
+    _events_done_at = -1
+
+    @torch.no_grad()
+    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        assert self.engine is not None
+        self._events_done_at = step
+        params = self.engine.params
+        if self.score == "wanda" and self._norms is not None:
+            self._norms.__exit__()
+            norms = {n: trainer.strategy.reduce(v, reduce_op="sum") for n, v in self._norms.norms().items()}
+            self._norms = None
+            scores = {n: wanda_score(p, norms[n]) if n in norms else magnitude_score(p) for n, p in params.items()}
+        elif self.score == "gradient":
+            scores = {n: gradient_score(p) for n, p in params.items()}
+        else:
+            scores = {n: magnitude_score(p) for n, p in params.items()}
+        target = self.schedule.value(step, self.sparsity, self._start, self._end)
+        masks = prune_masks(scores, self.engine.masks, target, self.allocation, self.nm)
+        changed = self.engine.set_masks_(masks, trainer.optimizers)
+        if self.rewind and self._initial:
+            for name, param in params.items():
+                param.copy_(self._initial[name] * self.engine.masks[name])
+        self._events += 1
+        per_layer, total = self.engine.sparsity_report()
+        pl_module.log("pruning/sparsity", total, on_step=True, on_epoch=False)
+        pl_module.log("pruning/target", target, on_step=True, on_epoch=False)
+        pl_module.log("pruning/changed", float(sum(changed.values())), on_step=True, on_epoch=False)
+        for name, value in per_layer.items():
+            pl_module.log(f"pruning/sparsity/{name}", value, on_step=True, on_epoch=False)
+
+    # -- end of fit ------------------------------------------------------------------------
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.engine is not None
+        per_layer, total = self.engine.sparsity_report()
+        rows = [(n, f"{tuple(self.engine.params[n].shape)}  sparsity {s:.4f}") for n, s in per_layer.items()]
+        rows += [("global sparsity", f"{total:.4f} (target {self.sparsity})"), ("pruning events", str(self._events))]
+        if self.make_permanent:
+            nonzeros = self.engine.squash_()
+            pl_module._ddp_params_and_buffers_to_ignore = [
+                n for n in getattr(pl_module, "_ddp_params_and_buffers_to_ignore", []) if not n.endswith("_mask")
+            ]
+            rows.append(("made permanent", f"{sum(nonzeros.values())} non-zeros left, mask buffers removed"))
+        rank_zero_info(format_table("GradualPruning summary", rows))
+
+    def state_dict(self) -> dict[str, Any]:
+        # Masks travel as model buffers; only the rewind point and the event count live here.
+        return {"events": self._events, "initial": dict(self._initial)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._events = int(state_dict["events"])
+        self._initial = dict(state_dict["initial"])

@@ -1,0 +1,25 @@
+"""Sparsity: one mask engine, mask selection, layer allocation, scores and policies."""
+
+from .allocation import Allocation, allocate, erk_densities, lamp_scores
+from .engine import MaskEngine, mask_name
+from .masks import check_nm, nm_mask, parse_pattern, topk_mask
+from .pruning import prune_masks
+from .scores import InputNorms, gradient_score, magnitude_score, wanda_score
+
+__all__ = [
+    "Allocation",
+    "InputNorms",
+    "MaskEngine",
+    "allocate",
+    "check_nm",
+    "erk_densities",
+    "gradient_score",
+    "lamp_scores",
+    "magnitude_score",
+    "mask_name",
+    "nm_mask",
+    "parse_pattern",
+    "prune_masks",
+    "topk_mask",
+    "wanda_score",
+]

@@ -1,0 +1,131 @@
+"""One mask engine for every sparsity technique (gradual pruning and sparse training differ
+only in policy and schedule).
+
+Masks are bool buffers ``<param>_mask`` registered beside each target weight, so they
+travel with the checkpoint and the model's own keys stay unchanged. They are applied in
+place; there is no forward-time reparametrisation and no inference overhead:
+
+- gradients are masked with ``torch.where`` before the optimizer step (NaN/inf in a pruned
+  slot cannot leak into the weight);
+- weights are re-masked after the step;
+- when a mask changes, every optimizer state tensor shaped like the parameter (SGD momentum,
+  Adam moments, ...) is zeroed in the changed slots, and regrown weights start at zero.
+
+Example:
+    >>> engine = MaskEngine.attach_(model, {"fc.weight": model.fc.weight})
+    >>> engine.set_masks_({"fc.weight": topk_mask(model.fc.weight.abs(), k)}, [optimizer])
+    >>> ...  # each step: engine.mask_grads_(); optimizer.step(); engine.apply_()
+    >>> engine.squash_()  # plain module, weights already zero where pruned
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["MaskEngine", "mask_name"]
+
+
+def mask_name(param_name: str) -> str:
+    """Name of the mask buffer of ``param_name`` ("net.0.weight" -> "net.0.weight_mask")."""
+    return f"{param_name}_mask"
+
+
+class MaskEngine:
+    """Bool masks beside target parameters, by parameter name.
+
+    Args:
+        model: the module owning the parameters.
+        params: target parameters by qualified name.
+    """
+
+    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter]):
+        self.model = model
+        self.params = dict(params)
+        self.masks: dict[str, Tensor] = {}
+        self._zero: dict[tuple, Tensor] = {}
+        for name, param in self.params.items():
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner)
+            key = f"{leaf}_mask"
+            if not isinstance(getattr(module, key, None), Tensor):
+                module.register_buffer(key, torch.ones_like(param, dtype=torch.bool))
+            self.masks[name] = getattr(module, key)
+
+    @classmethod
+    def attach_(cls, model: nn.Module, params: dict[str, nn.Parameter]) -> MaskEngine:
+        """Register all-ones masks (or reuse existing ones) and return the engine."""
+        return cls(model, params)
+
+    def rebind_(self) -> None:
+        """Re-read the mask buffers after a checkpoint or device move replaced them."""
+        for name in self.params:
+            owner, _, leaf = name.rpartition(".")
+            self.masks[name] = getattr(self.model.get_submodule(owner), f"{leaf}_mask")
+
+    @property
+    def buffer_names(self) -> list[str]:
+        return [mask_name(n) for n in self.params]
+
+    @torch.no_grad()
+    def apply_(self) -> None:
+        """Zero the pruned weights (one foreach multiply)."""
+        if self.params:
+            torch._foreach_mul_(list(self.params.values()), list(self.masks.values()))
+
+    @torch.no_grad()
+    def mask_grads_(self) -> None:
+        """Zero the gradients of pruned weights in place, NaN-safe."""
+        for name, param in self.params.items():
+            grad = param.grad
+            if grad is not None:
+                key = (grad.device, grad.dtype)
+                zero = self._zero.get(key)
+                if zero is None:
+                    zero = self._zero[key] = torch.zeros((), device=grad.device, dtype=grad.dtype)
+                torch.where(self.masks[name], grad, zero, out=grad)
+
+    @torch.no_grad()
+    def set_masks_(self, new: dict[str, Tensor], optimizers: Iterable[torch.optim.Optimizer] = ()) -> dict[str, int]:
+        """Install new masks; reset optimizer state where they changed; returns changed counts."""
+        changed_counts = {}
+        states = [opt.state for opt in optimizers]
+        for name, mask in new.items():
+            old = self.masks[name]
+            changed = old ^ mask
+            changed_counts[name] = int(changed.sum())
+            param = self.params[name]
+            grown = mask & ~old
+            param.masked_fill_(grown, 0.0)  # regrown weights start at zero
+            for state in states:
+                for value in state.get(param, {}).values():
+                    if isinstance(value, Tensor) and value.shape == param.shape:
+                        value.masked_fill_(changed, 0)
+            old.copy_(mask)
+        self.apply_()
+        return changed_counts
+
+    def density(self) -> dict[str, float]:
+        return {n: float(m.sum()) / m.numel() for n, m in self.masks.items()}
+
+    def sparsity_report(self) -> tuple[dict[str, float], float]:
+        """Per-layer and global sparsity of the masks."""
+        kept = {n: int(m.sum()) for n, m in self.masks.items()}
+        total = sum(m.numel() for m in self.masks.values())
+        per_layer = {n: 1.0 - kept[n] / self.masks[n].numel() for n in kept}
+        return per_layer, 1.0 - sum(kept.values()) / max(total, 1)
+
+    @torch.no_grad()
+    def squash_(self) -> dict[str, int]:
+        """Apply the masks for good and remove the buffers; returns non-zeros per layer."""
+        self.apply_()
+        nonzeros = {}
+        for name, param in self.params.items():
+            owner, _, leaf = name.rpartition(".")
+            delattr(self.model.get_submodule(owner), f"{leaf}_mask")
+            nonzeros[name] = int(param.count_nonzero())
+        self.masks = {}
+        self.params = {}
+        return nonzeros

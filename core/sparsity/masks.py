@@ -1,0 +1,70 @@
+"""Mask selection: keep the k highest scores, or the N highest of every M consecutive inputs.
+
+Selection is O(N) with ``kthvalue`` (never a full sort) and deterministic: among scores
+equal to the threshold, the lowest flat indices are kept. Every rank computing a mask from
+the same scores therefore gets the same mask.
+
+Example:
+    >>> mask = topk_mask(weight.abs(), k=weight.numel() // 10)   # 90% sparse
+    >>> mask24 = nm_mask(weight.abs(), n=2, m=4)                    # 2:4 along the input dim
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_nm", "nm_mask", "parse_pattern", "topk_mask"]
+
+
+def topk_mask(scores: Tensor, k: int) -> Tensor:
+    """Bool mask of ``scores``' shape keeping exactly ``k`` entries: the largest, ties by lowest index."""
+    n = scores.numel()
+    if not 0 <= k <= n:
+        raise ValueError(f"cannot keep k={k} of {n} entries.")
+    flat = scores.reshape(-1)
+    if k == 0:
+        return torch.zeros_like(flat, dtype=torch.bool).view_as(scores)
+    if k == n:
+        return torch.ones_like(flat, dtype=torch.bool).view_as(scores)
+    # The (n - k + 1)-th smallest value is the k-th largest: the keep threshold.
+    threshold = flat.float().kthvalue(n - k + 1).values
+    keep = flat > threshold
+    ties = (flat == threshold).nonzero().squeeze(1)  # ascending flat indices
+    missing = k - int(keep.sum())
+    keep[ties[:missing]] = True
+    return keep.view_as(scores)
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """``"unstructured"`` -> None; ``"2:4"`` -> (2, 4). Raises ValueError otherwise."""
+    if pattern == "unstructured":
+        return None
+    try:
+        n, m = (int(x) for x in pattern.split(":"))
+    except ValueError:
+        raise ValueError(f"pattern={pattern!r} must be 'unstructured' or 'N:M' such as '2:4'.") from None
+    if not 0 < n <= m:
+        raise ValueError(f"pattern={pattern!r}: N:M needs 0 < N <= M (N kept of every M); e.g. '2:4'.")
+    return n, m
+
+
+def check_nm(name: str, shape: torch.Size, m: int) -> None:
+    """N:M groups run along the input dimension(s): their size must be a multiple of M."""
+    fan_in = int(torch.Size(shape[1:]).numel()) if len(shape) > 1 else int(shape[0])
+    if fan_in % m:
+        raise ValueError(
+            f"{name} has {fan_in} inputs per output, not divisible by M={m}: exclude it from the "
+            "targets or use an unstructured pattern."
+        )
+
+
+def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
+    """Keep the ``n`` largest of every ``m`` consecutive entries along the flattened input dims."""
+    rows = scores.reshape(scores.shape[0], -1) if scores.dim() > 1 else scores.reshape(1, -1)
+    groups = rows.reshape(rows.shape[0], -1, m)  # [out, in/m, m]
+    # A stable descending sort of a 4- or 8-wide group is cheap and breaks ties by position.
+    order = groups.float().argsort(dim=-1, descending=True, stable=True)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(-1, order[..., :n], True)
+    return keep.reshape(scores.shape)

@@ -1,0 +1,48 @@
+"""The gradual-pruning policy: new masks for a target sparsity, never reviving a pruned weight.
+
+Already-pruned entries get the lowest possible score, so a growing sparsity target only ever
+removes more weights (masks are monotone), whatever the allocation rule.
+
+Example:
+    >>> masks = prune_masks(scores, engine.masks, sparsity=0.8, allocation="lamp")
+    >>> engine.set_masks_(masks, optimizers)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .allocation import Allocation, allocate, lamp_scores
+from .masks import nm_mask, topk_mask
+
+__all__ = ["prune_masks"]
+
+
+def prune_masks(
+    scores: dict[str, Tensor],
+    masks: dict[str, Tensor],
+    sparsity: float,
+    allocation: Allocation = "uniform",
+    nm: tuple[int, int] | None = None,
+    floor: float = 0.01,
+) -> dict[str, Tensor]:
+    """Masks reaching ``sparsity`` (or the N:M pattern ``nm``), subsets of the current ``masks``.
+
+    Args:
+        scores: importance per layer (higher is kept), same shapes as the masks.
+        masks: current masks (True = kept).
+        sparsity: global target fraction of pruned weights, in [0, 1).
+        allocation: how the budget is split across layers (ignored for N:M).
+        nm: (N, M) to keep N of every M consecutive inputs, or None for unstructured.
+        floor: minimum layer density for ``global_floor``.
+    """
+    live = {n: torch.where(masks[n], s.float(), torch.tensor(-1.0, device=s.device)) for n, s in scores.items()}
+    if nm is not None:
+        return {n: nm_mask(s, *nm) & masks[n] for n, s in live.items()}
+    if allocation == "lamp":
+        ranked = {n: torch.where(masks[n], lamp_scores(s.clamp_min(0)), torch.tensor(-1.0, device=s.device)) for n, s in live.items()}
+        counts = allocate(ranked, sparsity, "global")
+        return {n: topk_mask(ranked[n], counts[n]) for n in live}
+    counts = allocate(live, sparsity, allocation, floor=floor)
+    return {n: topk_mask(s, counts[n]) for n, s in live.items()}

@@ -1,0 +1,192 @@
+"""GradualPruning through a real Trainer: schedule tracking, zeros that stay zero, export."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lichtenberg.callbacks import GradualPruning
+from lichtenberg.core.schedules import SparsitySchedule
+from lichtenberg.core.targets import Targets
+from tests.cases import TinyData, TinyModel
+
+BASE = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            enable_checkpointing=False, deterministic=True)
+SCHEDULE = SparsitySchedule(kind="cubic", start=4, end=28, every_n_steps=4)
+
+
+def fit(callbacks, model=None, max_epochs=3, **kwargs):
+    L.seed_everything(0)
+    model = model or TinyModel()
+    trainer = L.Trainer(callbacks=list(callbacks), max_epochs=max_epochs, **{**BASE, **kwargs})
+    trainer.fit(model, datamodule=TinyData())
+    return trainer, model
+
+
+class Recorder(Callback):
+    """After every optimizer step: per-layer sparsity of the masks and of the weights."""
+
+    def __init__(self, pruning: GradualPruning):
+        self.pruning, self.steps = pruning, []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        engine = self.pruning.engine
+        masks = {n: 1 - m.float().mean().item() for n, m in engine.masks.items()}
+        zeros_off_mask = all(bool((p[~engine.masks[n]] == 0).all()) for n, p in engine.params.items())
+        self.steps.append((trainer.global_step, masks, zeros_off_mask))
+
+
+def test_sparsity_follows_the_schedule_at_every_event_and_nowhere_else():
+    gp = GradualPruning(sparsity=0.8, schedule=SCHEDULE, allocation="uniform")
+    rec = Recorder(gp)
+    fit([gp, rec])
+    sizes = {n: m.numel() for n, m in gp.engine.masks.items()}
+    previous = None
+    for step, per_layer, zeros in rec.steps:
+        event = step - 1  # pruning happens before optimizer step `event + 1`
+        target = SCHEDULE.value(event, 0.8, 4, 28)
+        for name, got in per_layer.items():
+            assert abs(got - target) * sizes[name] <= 1.0 + 1e-9, (step, name, got, target)  # ±1 weight
+        if previous is not None and not SCHEDULE.is_event(event, 4, 28):
+            assert per_layer == previous, f"masks changed outside an event at step {step}"
+        assert zeros
+        previous = per_layer
+    assert rec.steps[-1][1] == {n: 1 - round(0.2 * s) / s for n, s in sizes.items()}  # final target exact
+
+
+@pytest.mark.parametrize(
+    "optimizer, clip",
+    [("sgd_momentum", None), ("adam", None), ("adamw_wd", None), ("sgd_momentum", 0.01)],
+)
+def test_pruned_weights_stay_exactly_zero(optimizer, clip):
+    class Model(TinyModel):
+        def configure_optimizers(self):
+            params = self.parameters()
+            if optimizer == "adam":
+                return torch.optim.Adam(params, lr=0.05)
+            if optimizer == "adamw_wd":
+                return torch.optim.AdamW(params, lr=0.05, weight_decay=0.5)
+            return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-3)
+
+    gp = GradualPruning(sparsity=0.7, schedule=SCHEDULE, allocation="global")
+    rec = Recorder(gp)
+    fit([gp, rec], model=Model(), gradient_clip_val=clip)
+    assert all(zeros for _, _, zeros in rec.steps)
+    assert sum(1 - v for v in rec.steps[-1][1].values()) < 2  # really sparse at the end
+
+
+def test_nan_gradient_in_a_pruned_slot_does_not_reach_the_weight():
+    class Poison(Callback):
+        def on_after_backward(self, trainer, pl_module):
+            if trainer.global_step > 10:
+                w = pl_module.net[0].weight
+                w.grad[~pl_module.net[0].weight_mask] = float("nan")
+
+    gp = GradualPruning(sparsity=0.5, schedule=SparsitySchedule(kind="one_shot", start=2))
+    _, model = fit([gp, Poison()])
+    assert torch.isfinite(model.net[0].weight).all()
+    assert (model.net[0].weight[~model.net[0].weight_mask] == 0).all()
+
+
+def test_targets_are_reported_and_checkpoints_load_with_and_without_lichtenberg(tmp_path, caplog):
+    gp = GradualPruning(sparsity=0.5, schedule=SCHEDULE, targets=Targets(types=["Linear"], exclude=["net.3"]))
+    with caplog.at_level("INFO"):
+        trainer, model = fit([gp])
+    assert "1 parameters selected: net.0.weight" in caplog.text
+    assert "not selected: net.3.weight (excluded by 'net.3')" in caplog.text
+    path = tmp_path / "pruned.ckpt"
+    trainer.save_checkpoint(path)
+    # Fresh module + callback: mask keys match, masks restored.
+    fresh_gp = GradualPruning(sparsity=0.5, schedule=SCHEDULE, targets=Targets(types=["Linear"], exclude=["net.3"]))
+    fresh = TinyModel()
+    L.Trainer(callbacks=[fresh_gp], **BASE).validate(fresh, datamodule=TinyData(), ckpt_path=path, verbose=False)
+    assert torch.equal(fresh.net[0].weight_mask, model.net[0].weight_mask)
+    # Squashed: a plain module without lichtenberg loads the weights.
+    nonzeros = gp.engine.squash_()
+    assert nonzeros == {"net.0.weight": int(model.net[0].weight.count_nonzero())} == {"net.0.weight": 64}
+    plain = TinyModel()
+    plain.load_state_dict(model.state_dict())  # strict
+
+
+def test_make_permanent_leaves_a_plain_module():
+    gp = GradualPruning(sparsity=0.5, schedule=SCHEDULE, make_permanent=True)
+    _, model = fit([gp])
+    assert not any(k.endswith("_mask") for k in model.state_dict())
+    assert int(model.net[0].weight.count_nonzero()) == 64
+
+
+def test_rewind_is_off_by_default_and_rewinds_survivors_when_on():
+    L.seed_everything(0)
+    init = TinyModel().net[0].weight.detach().clone()  # fit() seeds identically: the same init
+    gp = GradualPruning(sparsity=0.5, schedule=SparsitySchedule(kind="one_shot", start=30), rewind=True)
+    rec = []
+
+    class AfterEvent(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 30:
+                rec.append(pl_module.net[0].weight.detach().clone())
+
+    fit([gp, AfterEvent()])
+    mask = gp.engine.masks["net.0.weight"]
+    torch.testing.assert_close(rec[0][mask], init[mask])
+    assert not torch.equal(rec[0][mask], gp.engine.params["net.0.weight"][mask])  # trained on after
+    assert GradualPruning().rewind is False
+
+
+class IgnoredByDDP(Callback):
+    """Saves, per rank, which buffers DDP was told not to broadcast (module level: ddp_spawn pickles it)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module):
+        ignored = set(trainer.strategy.model.parameters_to_ignore)
+        torch.save(sorted(ignored), f"{self.path}/ignored{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_does_not_broadcast_masks_every_step(tmp_path):
+    gp = GradualPruning(sparsity=0.5, schedule=SCHEDULE)
+    trainer = L.Trainer(callbacks=[gp, IgnoredByDDP(str(tmp_path))], max_epochs=5, strategy="ddp_spawn",
+                        **{**BASE, "devices": 2})
+    trainer.fit(TinyModel(), datamodule=TinyData())
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"ignored{rank}.pt") == ["net.0.weight_mask", "net.3.weight_mask"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"sparsity": 1.0}, "sparsity=1.0 must lie in"),
+        ({"sparsity": -0.1}, "sparsity=-0.1"),
+        ({"pattern": "5:4"}, "0 < N <= M"),
+        ({"pattern": "2:4", "sparsity": 0.7}, "set sparsity=0.5"),
+        ({"allocation": "random"}, "allocation='random'"),
+        ({"score": "taylor"}, "score='taylor'"),
+    ],
+)
+def test_bad_input_raises_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        GradualPruning(**kwargs)
+
+
+def test_bad_schedule_and_targets_raise_before_training():
+    with pytest.raises(ValueError, match="after end"):
+        SparsitySchedule(start=20, end=10)
+    model = TinyModel()
+    before = model.net[0].weight.detach().clone()
+    with pytest.raises(ValueError, match="match no module"):
+        fit([GradualPruning(targets=Targets(include=["encoder.*"]))], model=model)
+    with pytest.raises(ValueError, match="net.4.weight has 4 inputs per output, not divisible by M=8"):
+        fit([GradualPruning(sparsity=0.5, pattern="4:8", schedule=SCHEDULE)], model=_odd_model())
+    with pytest.raises(ValueError, match="training stops at step 36"):
+        fit([GradualPruning(schedule=SparsitySchedule(start=10, end=100))])
+    assert torch.equal(model.net[0].weight, before)
+
+
+def _odd_model():
+    model = TinyModel()
+    model.net.append(torch.nn.Linear(4, 4))  # 4 inputs per output: no 4:8 groups
+    return model
