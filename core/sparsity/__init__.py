@@ -2,6 +2,7 @@
 
 from .allocation import Allocation, allocate, erk_densities, lamp_scores
 from .engine import MaskEngine, mask_name
+from .export import export_sparse_
 from .masks import check_nm, nm_mask, parse_pattern, topk_mask
 from .pruning import prune_masks
 from .scores import InputNorms, gradient_score, magnitude_score, wanda_score
@@ -13,6 +14,7 @@ __all__ = [
     "allocate",
     "check_nm",
     "erk_densities",
+    "export_sparse_",
     "gradient_score",
     "lamp_scores",
     "magnitude_score",

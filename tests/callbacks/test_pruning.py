@@ -190,3 +190,16 @@ def _odd_model():
     model = TinyModel()
     model.net.append(torch.nn.Linear(4, 4))  # 4 inputs per output: no 4:8 groups
     return model
+
+
+@pytest.mark.parametrize("score", ["wanda", "gradient"])
+def test_activation_and_gradient_scores_through_the_trainer(score):
+    magnitude = GradualPruning(sparsity=0.6, schedule=SCHEDULE)
+    fit([magnitude])
+    gp = GradualPruning(sparsity=0.6, schedule=SCHEDULE, score=score)
+    _, model = fit([gp])
+    assert all(not m._forward_pre_hooks for m in model.modules()), "input-norm hooks live only around events"
+    for name, mask in gp.engine.masks.items():
+        assert int(mask.sum()) == round(0.4 * mask.numel())
+        assert (gp.engine.params[name][~mask] == 0).all()
+    assert any(not torch.equal(gp.engine.masks[n], magnitude.engine.masks[n]) for n in gp.engine.masks)

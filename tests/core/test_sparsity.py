@@ -1,5 +1,6 @@
 """Sparsity math: masks, allocation, schedules, the engine. No Trainer here."""
 
+import copy
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from lichtenberg.core.sparsity import (
     allocate,
     check_nm,
     erk_densities,
+    export_sparse_,
     lamp_scores,
     nm_mask,
     parse_pattern,
@@ -183,3 +185,29 @@ def test_wanda_prefers_inputs_with_large_activations():
     torch.testing.assert_close(sq, x.pow(2).sum(0))
     keep = topk_mask(wanda_score(lin.weight, sq), 2)
     assert keep.tolist() == [[False, False, True, True]]  # magnitude alone would keep the first two
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support")
+def test_export_squashes_masks_and_csr_matches_dense():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    params = {n: p for n, p in net.named_parameters() if n.endswith("weight")}
+    engine = MaskEngine.attach_(net, params)
+    engine.set_masks_({n: topk_mask(p.abs(), p.numel() // 10) for n, p in params.items()})
+    x = torch.randn(5, 16)
+    expected = net(x)
+    dense = copy.deepcopy(net)
+    report = export_sparse_(dense)
+    assert report == {"0.weight": {"shape": (8, 16), "nonzeros": 12, "density": 12 / 128},
+                      "2.weight": {"shape": (4, 8), "nonzeros": 3, "density": 3 / 32}}
+    assert not any(k.endswith("_mask") for k in dense.state_dict())
+    torch.testing.assert_close(dense(x), expected)
+    csr = copy.deepcopy(net)
+    export_sparse_(csr, layout="csr")
+    assert csr[0].weight.layout == torch.sparse_csr
+    torch.testing.assert_close(csr(x), expected)
+    with pytest.raises(ValueError, match="no `<param>_mask` buffers"):
+        export_sparse_(nn.Linear(2, 2))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            export_sparse_(copy.deepcopy(net), layout="semi_structured")
