@@ -20,6 +20,15 @@ def test_example_script_runs_and_reports_both_accuracies(script, tmp_path):
     assert raw > 0.8 and ema > 0.8  # digits is easy; both sets of weights must be sound
 
 
+def test_pruning_example_exports_a_90_percent_sparse_model(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "gradual_pruning.py")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    acc, sparsity = map(float, re.search(r"val_acc (\d\.\d+) at sparsity (\d\.\d+)", result.stdout).groups())
+    assert sparsity == 0.9 and acc > 0.8
+    assert (tmp_path / "pruned_digits.pt").exists()
+
+
 def test_example_yaml_runs_through_the_cli(tmp_path, monkeypatch, capsys):
     from lichtenberg.cli import main
 

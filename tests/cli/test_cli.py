@@ -21,8 +21,10 @@ def _argv(monkeypatch, tmp_path):
 def test_shipped_recipes_include_the_default_and_one_per_demo_model():
     names = recipes()
     assert "default" in names
-    models = {yaml.safe_load(open(recipe_path(n)))["model"]["class_path"].rsplit(".", 1)[1] for n in names}
-    assert models == {"SmallCNN", "MLP", "TinyTransformerLM"}
+    configs = [yaml.safe_load(open(recipe_path(n))) for n in names]
+    assert {c["model"]["class_path"].rsplit(".", 1)[1] for c in configs} == {"SmallCNN", "MLP", "TinyTransformerLM"}
+    callbacks = {cb["class_path"].rsplit(".", 1)[1] for c in configs for cb in c["trainer"]["callbacks"]}
+    assert callbacks == {"EMA", "SWA", "GradualPruning"}  # a recipe for every public callback
 
 
 def test_config_names_resolve_and_default_recipe_is_implied():
