@@ -7,6 +7,7 @@ and gradients), and excluded from DDP's per-step buffer broadcast.
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -49,7 +50,8 @@ class GradualPruning(Callback):
         score: "magnitude" |w|, "wanda" |w| * ||x|| (input norms collected on event steps
             only), or "gradient" |w * g|.
         allocation: how the budget is split across layers: "uniform", "global",
-            "global_floor" (every layer keeps >= 1%), "lamp" or "erk".
+            "global_floor" (every layer keeps >= 1%), "lamp" or "erk"; or an explicit
+            {module-name glob: final sparsity} dict (unmatched layers get ``sparsity``).
         pattern: "unstructured", or "N:M" (e.g. "2:4": N kept of every M consecutive inputs).
         targets: which weights (default: weight of every Linear, Conv1d and Conv2d).
         rewind: lottery-ticket rewinding of surviving weights to their initial values at
@@ -65,7 +67,7 @@ class GradualPruning(Callback):
         sparsity: float = 0.5,
         schedule: SparsitySchedule | None = None,
         score: Literal["magnitude", "wanda", "gradient"] = "magnitude",
-        allocation: Allocation = "uniform",
+        allocation: Allocation | dict[str, float] = "uniform",
         pattern: str = "unstructured",
         targets: Targets | None = None,
         rewind: bool = False,
@@ -75,8 +77,12 @@ class GradualPruning(Callback):
             raise ValueError(f"sparsity={sparsity} must lie in [0, 1): it is the fraction of weights removed.")
         if score not in ("magnitude", "wanda", "gradient"):
             raise ValueError(f"score={score!r} must be 'magnitude', 'wanda' or 'gradient'.")
-        if allocation not in _ALLOCATIONS:
-            raise ValueError(f"allocation={allocation!r} must be one of {', '.join(_ALLOCATIONS)}.")
+        if isinstance(allocation, dict):
+            bad = {k: v for k, v in allocation.items() if not 0.0 <= v < 1.0}
+            if bad:
+                raise ValueError(f"allocation {bad}: per-layer sparsities must lie in [0, 1).")
+        elif allocation not in _ALLOCATIONS:
+            raise ValueError(f"allocation={allocation!r} must be one of {', '.join(_ALLOCATIONS)}, or a dict.")
         self.nm = parse_pattern(pattern)
         if self.nm is not None and abs(sparsity - (1 - self.nm[0] / self.nm[1])) > 1e-9:
             raise ValueError(
@@ -97,6 +103,7 @@ class GradualPruning(Callback):
         self._initial: dict[str, torch.Tensor] = {}
         self._hooks: list = []
         self._events = 0
+        self._layer_final: dict[str, float] | None = None
 
     @property
     def state_key(self) -> str:
@@ -111,6 +118,7 @@ class GradualPruning(Callback):
             for name, param in selection.params.items():
                 check_nm(name, param.shape, self.nm[1])
         rank_zero_info(f"GradualPruning: {selection.report()}")
+        self._layer_final = self._per_layer_targets(selection.params)
         self.engine = MaskEngine.attach_(pl_module, selection.params)
         self._modules = selection.modules
         # Masks change only at events: keep DDP from broadcasting them on every forward.
@@ -118,6 +126,19 @@ class GradualPruning(Callback):
         pl_module._ddp_params_and_buffers_to_ignore = sorted(ignored | set(self.engine.buffer_names))
         if self.rewind and not self._initial:
             self._initial = {n: p.detach().clone() for n, p in selection.params.items()}
+
+    def _per_layer_targets(self, params: dict[str, torch.nn.Parameter]) -> dict[str, float] | None:
+        """Final sparsity per layer for an explicit allocation dict (first matching glob wins)."""
+        if not isinstance(self.allocation, dict):
+            return None
+        owners = {n: n.rpartition(".")[0] for n in params}
+        unused = [g for g in self.allocation if not any(fnmatch.fnmatchcase(o, g) for o in owners.values())]
+        if unused:
+            raise ValueError(f"allocation globs {unused} match no pruned module; targets are {sorted(owners.values())}.")
+        return {
+            n: next((v for g, v in self.allocation.items() if fnmatch.fnmatchcase(owner, g)), self.sparsity)
+            for n, owner in owners.items()
+        }
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.engine is not None
@@ -164,7 +185,12 @@ class GradualPruning(Callback):
         else:
             scores = {n: magnitude_score(p) for n, p in params.items()}
         target = self.schedule.value(step, self.sparsity, self._start, self._end)
-        masks = prune_masks(scores, self.engine.masks, target, self.allocation, self.nm)
+        if self._layer_final is not None:  # explicit per-layer targets follow the schedule's progress
+            progress = self.schedule.value(step, 1.0, self._start, self._end)
+            layer_targets = {n: progress * final for n, final in self._layer_final.items()}
+            masks = prune_masks(scores, self.engine.masks, layer_targets, nm=self.nm)
+        else:
+            masks = prune_masks(scores, self.engine.masks, target, self.allocation, self.nm)
         changed = self.engine.set_masks_(masks, trainer.optimizers)
         if self.rewind and self._initial:
             for name, param in params.items():

@@ -22,7 +22,7 @@ __all__ = ["prune_masks"]
 def prune_masks(
     scores: dict[str, Tensor],
     masks: dict[str, Tensor],
-    sparsity: float,
+    sparsity: float | dict[str, float],
     allocation: Allocation = "uniform",
     nm: tuple[int, int] | None = None,
     floor: float = 0.01,
@@ -32,7 +32,8 @@ def prune_masks(
     Args:
         scores: importance per layer (higher is kept), same shapes as the masks.
         masks: current masks (True = kept).
-        sparsity: global target fraction of pruned weights, in [0, 1).
+        sparsity: global target fraction of pruned weights, in [0, 1), or an explicit
+            sparsity per layer (then ``allocation`` is not used).
         allocation: how the budget is split across layers (ignored for N:M).
         nm: (N, M) to keep N of every M consecutive inputs, or None for unstructured.
         floor: minimum layer density for ``global_floor``.
@@ -40,6 +41,8 @@ def prune_masks(
     live = {n: torch.where(masks[n], s.float(), torch.tensor(-1.0, device=s.device)) for n, s in scores.items()}
     if nm is not None:
         return {n: nm_mask(s, *nm) & masks[n] for n, s in live.items()}
+    if isinstance(sparsity, dict):
+        return {n: topk_mask(s, round((1.0 - sparsity[n]) * s.numel())) for n, s in live.items()}
     if allocation == "lamp":
         ranked = {n: torch.where(masks[n], lamp_scores(s.clamp_min(0)), torch.tensor(-1.0, device=s.device)) for n, s in live.items()}
         counts = allocate(ranked, sparsity, "global")

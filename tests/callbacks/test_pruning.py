@@ -164,6 +164,7 @@ def test_ddp_does_not_broadcast_masks_every_step(tmp_path):
         ({"pattern": "5:4"}, "0 < N <= M"),
         ({"pattern": "2:4", "sparsity": 0.7}, "set sparsity=0.5"),
         ({"allocation": "random"}, "allocation='random'"),
+        ({"allocation": {"net.0": 1.5}}, "per-layer sparsities must lie in"),
         ({"score": "taylor"}, "score='taylor'"),
     ],
 )
@@ -203,3 +204,17 @@ def test_activation_and_gradient_scores_through_the_trainer(score):
         assert int(mask.sum()) == round(0.4 * mask.numel())
         assert (gp.engine.params[name][~mask] == 0).all()
     assert any(not torch.equal(gp.engine.masks[n], magnitude.engine.masks[n]) for n in gp.engine.masks)
+
+
+def test_explicit_per_layer_sparsity_dict():
+    gp = GradualPruning(sparsity=0.5, schedule=SCHEDULE, allocation={"net.0": 0.9})
+    rec = Recorder(gp)
+    fit([gp, rec])
+    final = rec.steps[-1][1]
+    assert final["net.0.weight"] == 1 - round(0.1 * 128) / 128  # the dict's 0.9
+    assert final["net.3.weight"] == 0.5  # unmatched: `sparsity`
+    halfway = [per for step, per, _ in rec.steps if step - 1 == 16][0]  # cubic progress at event 16
+    progress = SCHEDULE.value(16, 1.0, 4, 28)
+    assert abs(halfway["net.0.weight"] - 0.9 * progress) * 128 <= 1
+    with pytest.raises(ValueError, match=r"allocation globs \['enc\*'\] match no pruned module"):
+        fit([GradualPruning(schedule=SCHEDULE, allocation={"enc*": 0.5})])
