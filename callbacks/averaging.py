@@ -92,10 +92,11 @@ class EMA(_Averaging):
 
     def _summary_rows(self) -> list[tuple[str, str]]:
         rows = [("decay (target / last)", f"{self.decay} / {self.current_decay():.6f}")]
-        if self.averaged is not None and self.averaged.num_updates and self.current_decay() < self.decay:
+        horizon = 1.0 / max(1.0 - self.current_decay(), 1e-12)
+        if self.averaged is not None and self.averaged.num_updates and horizon < 0.5 / (1.0 - self.decay):
             # timm's warm-up reaches 0.999 only after ~30k updates: say so rather than surprise.
-            rows.append(("note", "the warm-up kept the decay below its target for this whole run; "
-                                 "for short runs lower `decay` or set `warmup_power: null`"))
+            rows.append(("note", f"the warm-up kept the averaging horizon at {horizon:.0f} updates, under half "
+                                 f"of decay {self.decay}'s; for short runs lower `decay` or set `warmup_power: null`"))
         return rows
 
 

@@ -212,3 +212,13 @@ def test_swa_start_after_the_end_fails_before_any_step(start):
     with pytest.raises(ValueError, match=f"start={start} is optimizer step {start}, but training ends at step 36"):
         fit([SWA(start=start)], model=model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_summary_warns_when_the_warmup_hides_the_decay(caplog):
+    with caplog.at_level("INFO"):
+        fit([EMA(decay=0.999)])  # 36 updates: the warm-up keeps the horizon near 10 updates
+    assert "under half of decay 0.999's" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        fit([EMA(decay=0.5)])
+    assert "under half" not in caplog.text
