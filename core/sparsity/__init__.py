@@ -1,7 +1,7 @@
 """Sparsity: one mask engine, mask selection, layer allocation, scores and policies."""
 
 from .allocation import Allocation, allocate, erk_densities, lamp_scores
-from .engine import MaskEngine, mask_name
+from .engine import MaskEngine, mask_name, masked_bits_
 from .export import export_sparse_
 from .masks import check_nm, nm_mask, parse_pattern, topk_mask
 from .pruning import prune_masks
@@ -19,6 +19,7 @@ __all__ = [
     "lamp_scores",
     "magnitude_score",
     "mask_name",
+    "masked_bits_",
     "nm_mask",
     "parse_pattern",
     "prune_masks",

@@ -211,3 +211,15 @@ def test_export_squashes_masks_and_csr_matches_dense():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA device"):
             export_sparse_(copy.deepcopy(net), layout="semi_structured")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_masked_bits_zero_pruned_slots_exactly_and_leave_kept_bits_alone(dtype):
+    from lichtenberg.core.sparsity import masked_bits_
+
+    x = torch.tensor([1.5, -2.0, float("nan"), float("inf"), -0.0, 3.0], dtype=dtype)
+    mask = torch.tensor([True, False, False, False, True, True])
+    before = x.clone()
+    masked_bits_([x], [mask])
+    assert x[~mask].eq(0).all() and not x[~mask].signbit().any()  # +0.0, NaN and inf cleared
+    assert torch.equal(x[mask].view(torch.uint8), before[mask].view(torch.uint8))  # bit-identical (-0.0 kept)
