@@ -1,0 +1,406 @@
+"""Step-time and memory overhead of GradualPruning at 90% sparsity, inside a real Trainer.fit.
+
+Same model, data and protocol as ``ema_overhead`` (6 x Linear(1024) MLP, batch 128, Adam, MSE
+to random targets, glibc allocator pinned, interleaved fits, disturbed rounds re-run). Two
+measurements, each with three variants in the same run:
+
+(a) *between pruning events*: ``GradualPruning`` with a one-shot schedule at step 0, so every
+    timed step runs with 90% masks and no event; Lightning's ``ModelPruning`` (l1_unstructured,
+    lottery ticket off) prunes to 90% at the end of the first short epoch, then never again.
+    All variants share the same 10-step epochs; steps that straddle an epoch end are not timed.
+(b) *amortised over a gradual run*: 300 steps in 50-step epochs; ours prunes on the cubic
+    schedule at steps 50, 100, ..., 250, ModelPruning at the ends of epochs 1-4 to the same
+    sparsities. Mean time over all steps (events included), and the time of one event.
+
+The masking work of ours (``engine.mask_grads_`` / ``engine.apply_``) and the forward
+pre-hooks of ModelPruning are timed in place during the same fits.
+
+Run from the repository root: ``python -m benchmarks.pruning_overhead`` (``--quick`` for a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelPruning
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from benchmarks import harness
+from benchmarks.ema_overhead import Regression, mlp, tensor_bytes
+from lichtenberg.callbacks import GradualPruning
+from lichtenberg.core.schedules import SparsitySchedule
+from lichtenberg.core.sparsity import MaskEngine, topk_mask
+
+__all__ = ["main", "run"]
+
+THREADS = 2
+SPARSITY = 0.9
+MAX_FOREIGN = 0.1
+OURS, THEIRS = "GradualPruning", "L-ModelPruning"
+PHASES = ("forward+backward", "mask_grads_", "Adam step", "apply_", "float-mask mul (ref.)")
+
+
+def _timed(fn: Callable, sink: list[float]) -> Callable:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        sink.append(time.perf_counter() - t0)
+        return out
+
+    return wrapper
+
+
+class Probe(Callback):
+    """Last in the list: stamps every step, times the pruning work in place, reads the memory.
+
+    ``times`` come back as (batch_idx of the step, seconds); a step whose next stamp is in a new
+    epoch (or the end of fit) straddles an epoch end.
+    """
+
+    def __init__(self, pruner: Callback | None, last_step: int) -> None:
+        self.pruner, self.last_step = pruner, last_step
+        self.stamps: list[tuple[int, float]] = []
+        self.hook: dict[str, list[float]] = {"mask_grads_": [], "apply_": [], "pre_hooks": [], "event": []}
+        self.bytes_extra = 0
+        self.targets = 0
+        self.sparsity = float("nan")
+        self._pre: float | None = None  # pre-hook seconds of the current step, once hooks exist
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        p = self.pruner
+        if isinstance(p, GradualPruning):  # the optimizer post-hook looks engine.apply_ up at call time
+            p.engine.mask_grads_ = _timed(p.engine.mask_grads_, self.hook["mask_grads_"])
+            p.engine.apply_ = _timed(p.engine.apply_, self.hook["apply_"])
+            p._prune = _timed(p._prune, self.hook["event"])
+        elif isinstance(p, ModelPruning):
+            p.apply_pruning = _timed(p.apply_pruning, self.hook["event"])
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if isinstance(self.pruner, ModelPruning):
+            self._wrap_pre_hooks(pl_module)
+        if trainer.global_step == self.last_step:
+            self._read_memory(pl_module)
+        self.stamps.append((batch_idx, time.perf_counter()))
+
+    def on_train_end(self, *args: Any) -> None:
+        self.stamps.append((0, time.perf_counter()))
+
+    def _wrap_pre_hooks(self, pl_module: L.LightningModule) -> None:
+        """Time torch.prune's forward pre-hooks by swapping each new hook's class for a timed subclass
+        (not a wrapper function: the next event and ``make_pruning_permanent`` must still see a
+        ``BasePruningMethod``)."""
+        from torch.nn.utils.prune import BasePruningMethod
+
+        if self._pre is not None:
+            self.hook["pre_hooks"].append(self._pre)  # the previous step's forward
+            self._pre = 0.0
+        for h in (h for m in pl_module.modules() for h in m._forward_pre_hooks.values()):
+            if isinstance(h, BasePruningMethod) and not getattr(h, "_timed", False):
+                base, probe, self._pre = type(h), self, self._pre or 0.0
+
+                def call(hook: Any, module: nn.Module, inputs: Any, _base: type = base) -> None:
+                    t0 = time.perf_counter()
+                    _base.__call__(hook, module, inputs)
+                    probe._pre += time.perf_counter() - t0
+
+                h.__class__ = type(f"Timed{base.__name__}", (base,), {"__call__": call, "_timed": True})
+
+    def _read_memory(self, pl_module: L.LightningModule) -> None:
+        """Bytes held by the Linear layers beyond weight + bias, and the sparsity of the weights in use."""
+        extra, targets, zeros = 0, 0, 0
+        for m in pl_module.modules():
+            if not isinstance(m, nn.Linear):
+                continue
+            held = {id(t): t for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]}
+            held |= {id(v): v for v in vars(m).values() if isinstance(v, torch.Tensor)}  # a materialised weight
+            extra += tensor_bytes(held.values()) - tensor_bytes([m.weight, m.bias])
+            targets += m.weight.numel()
+            zeros += int((m.weight == 0).sum())
+        self.bytes_extra, self.targets, self.sparsity = extra, targets, zeros / targets
+
+    def step_times(self, warmup: int) -> tuple[list[float], list[float]]:
+        """(steady: steps within an epoch, all: every step) after ``warmup`` steps."""
+        steps = [(b[0] != 0, b[1] - a[1]) for a, b in zip(self.stamps, self.stamps[1:])][warmup:]
+        return [t for inside, t in steps if inside], [t for _, t in steps]
+
+
+def fit_once(build: Callable, loader: DataLoader, make: Callable, steps: int, warmup: int) -> dict:
+    torch.manual_seed(0)
+    module = Regression(build(), "adam")
+    pruner = make()
+    probe = Probe(pruner, steps - 1)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=([pruner] if pruner is not None else []) + [probe],
+    )
+    gc.collect()
+    trainer.fit(module, loader)
+    steady, every = probe.step_times(warmup)
+    hooks = {k: statistics.median(v[warmup:]) if len(v) > warmup else 0.0 for k, v in probe.hook.items() if k != "event"}
+    if isinstance(pruner, GradualPruning):
+        hooks["mask buffers B"] = tensor_bytes(pruner.engine.masks.values())
+    return {
+        "median_s": statistics.median(steady), "mean_all_s": statistics.fmean(every), "steps_timed": len(steady),
+        "hooks_s": hooks, "events_s": probe.hook["event"], "bytes_extra": probe.bytes_extra,
+        "targets": probe.targets, "sparsity": probe.sparsity,
+    }
+
+
+def variants(epoch: int, steps: int, gradual: bool) -> dict[str, Callable[[], Callback | None]]:
+    """(a) ``gradual=False``: ours one-shot at step 0, ModelPruning at the end of epoch 0. (b) the same
+    cubic ramp for both: ours at steps epoch, 2 epoch, ..., steps - epoch; ModelPruning at those epoch ends."""
+    sched = SparsitySchedule(kind="cubic", start=epoch, end=steps - epoch, every_n_steps=epoch)
+
+    def amount(e: int) -> float:  # ModelPruning: fraction of the REMAINING weights pruned at the end of epoch e
+        if not gradual:
+            return SPARSITY if e == 0 else 0.0
+        now, before = (sched.value(epoch * (k + 1), SPARSITY, epoch, steps - epoch) for k in (e, e - 1))
+        return (now - before) / (1.0 - before) if now > before else 0.0
+
+    return {
+        "plain": lambda: None,
+        OURS: lambda: GradualPruning(SPARSITY, sched if gradual else SparsitySchedule(kind="one_shot", start=0, end=0)),
+        THEIRS: lambda: ModelPruning("l1_unstructured", amount=amount, parameter_names=["weight"], verbose=0,
+                                     use_lottery_ticket_hypothesis=False, use_global_unstructured=False),
+    }
+
+
+def measure(width: int, steps: int, epoch: int, warmup: int, repeats: int, make: dict) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(epoch * 128, width, generator=g), torch.randn(epoch * 128, width, generator=g))
+    loader = DataLoader(data, batch_size=128, shuffle=False)
+    log: list[dict] = []
+    extras: dict[str, list[dict]] = {}
+
+    def call(make: Callable) -> Callable[[], tuple[float, dict]]:
+        def go() -> tuple[float, dict]:
+            out = fit_once(lambda: mlp(width), loader, make, steps, warmup)
+            return out["median_s"], out
+
+        return go
+
+    times = harness.interleaved(
+        {k: call(v) for k, v in make.items()}, repeats, max_foreign=MAX_FOREIGN, log=log, extras=extras
+    )
+    means = {k: [x["mean_all_s"] for x in e] for k, e in extras.items()}
+    return {
+        "steps": steps, "epoch": epoch, "warmup": warmup, "repeats": repeats,
+        "step_s": times, "rows": harness.ratio_table(times, "plain"),
+        "mean_s": means, "mean_rows": harness.ratio_table(means, "plain"),
+        "fits": {k: [{kk: vv for kk, vv in x.items() if kk != "median_s"} for x in e] for k, e in extras.items()},
+        "rounds": log,
+    }
+
+
+def decompose(width: int, repeats: int, iters: int = 12) -> dict[str, dict[str, list[float]]]:
+    """Seconds per phase of a step outside the Trainer, plain vs masked, in interleaved bursts.
+
+    ``masked``: GradualPruning's engine after a one-shot 90% event before the first step (Adam's
+    state of pruned slots stays exactly 0). ``masked, state 1e-30``: the same with Adam's
+    ``exp_avg_sq`` of pruned slots set to 1e-30 after the first step (identical updates), to
+    isolate what ``sqrt`` on exact zeros costs inside ``Adam.step``.
+    """
+    x, y = torch.randn(128, width), torch.randn(128, width)
+
+    def setup(masked: bool, nudge: bool) -> Callable[[], tuple[float, dict]]:
+        torch.manual_seed(0)
+        net = mlp(width)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+        params = {n: p for n, p in net.named_parameters() if n.endswith("weight")}
+        eng = MaskEngine.attach_(net, params) if masked else None
+        if eng is not None:
+            eng.set_masks_({n: topk_mask(p.detach().abs(), round((1 - SPARSITY) * p.numel())) for n, p in params.items()}, [opt])
+            fmasks = [m.to(torch.float32) for m in eng.masks.values()]
+
+        def fwd_bwd() -> None:
+            opt.zero_grad()
+            nn.functional.mse_loss(net(x), y).backward()
+
+        def float_mul() -> None:  # reference only: apply_'s work with float32 masks
+            with torch.no_grad():
+                torch._foreach_mul_(list(params.values()), fmasks)
+
+        work = [fwd_bwd, *((eng.mask_grads_, opt.step, eng.apply_, float_mul) if eng else (None, opt.step, None, None))]
+        phases: dict[str, list[float]] = {}
+
+        def burst() -> tuple[float, dict]:
+            for _ in range(iters):
+                t = [time.perf_counter()]
+                for fn in work:
+                    if fn is not None:
+                        fn()
+                    t.append(time.perf_counter())
+                if nudge and not phases:  # after the first step, once Adam's state exists
+                    for n, p in params.items():
+                        opt.state[p]["exp_avg_sq"].masked_fill_(~eng.masks[n], 1e-30)
+                for k, a, b in zip(PHASES, t, t[1:]):
+                    phases.setdefault(k, []).append(b - a)
+            return t[-2] - t[0], phases
+
+        return burst
+
+    extras: dict[str, list] = {}
+    harness.interleaved(
+        {"plain": setup(False, False), "masked": setup(True, False), "masked, state 1e-30": setup(True, True)},
+        repeats, max_foreign=MAX_FOREIGN, extras=extras,
+    )
+    return {k: {ph: v[iters // 2 :] for ph, v in e[-1].items()} for k, e in extras.items()}
+
+
+def run(quick: bool) -> dict[str, Any]:
+    pinned = harness.pin_allocator()
+    width = 256 if quick else 1024
+    (r_a, r_b, r_d), (steps_b, epoch_b) = ((2, 1, 2), (100, 20)) if quick else ((16, 4, 8), (300, 50))
+    res: dict[str, Any] = {"settings": dict(width=width, sparsity=SPARSITY, allocator_pinned=pinned, batch=128)}
+    t0 = time.perf_counter()
+    say = lambda msg: print(f"[pruning_overhead] {time.perf_counter() - t0:4.0f} s  {msg}", flush=True)  # noqa: E731
+    say(f"(a) between events: 6x{width} MLP, 50 steps in 10-step epochs x {r_a} fits")
+    res["between"] = measure(width, 50, 10, 12, r_a, variants(10, 50, False))
+    say(f"(b) gradual: {steps_b} steps x {r_b} fits")
+    res["gradual"] = measure(width, steps_b, epoch_b, 5, r_b, variants(epoch_b, steps_b, True))
+    say(f"decomposition outside the Trainer x {r_d} bursts")
+    res["phases"] = decompose(width, r_d)
+    say("done")
+    return res
+
+
+def render(res: dict[str, Any]) -> str:
+    s, a, b, ph = res["settings"], res["between"], res["gradual"], res["phases"]
+    ra, rb, mb = ({r["variant"]: r for r in rows} for rows in (a["rows"], b["rows"], b["mean_rows"]))
+    ms = lambda v: f"{v * 1e3:.2f}"  # noqa: E731
+    ratio = lambda r: f"{r['ratio']:.3f}× ({r['ratio_min']:.2f}–{r['ratio_max']:.2f})"  # noqa: E731
+    redone = lambda m: str(sum(1 for x in m["rounds"] if not x["kept"]))  # noqa: E731
+    hook = {v: {k: harness.median([f["hooks_s"][k] for f in a["fits"][v]]) for k in ("mask_grads_", "apply_", "pre_hooks")}
+            for v in (OURS, THEIRS)}
+    ev = {v: [t for f in b["fits"][v] for t in f["events_s"]] for v in (OURS, THEIRS)}
+    n_ev = {v: len(b["fits"][v][-1]["events_s"]) for v in (OURS, THEIRS)}
+    mem = {v: a["fits"][v][-1] for v in (OURS, THEIRS)}
+    return "\n".join([
+        "## Pruning overhead per training step",
+        "",
+        f"6 × `Linear({s['width']})` MLP, batch {s['batch']}, Adam, MSE to random targets, CPU ({THREADS} torch threads), "
+        f"{s['sparsity']:.0%} of each Linear weight pruned (biases dense); protocol as `ema_overhead` (interleaved fits, "
+        f"allocator pinned: {'yes' if s['allocator_pinned'] else 'NO'}, rounds with > {MAX_FOREIGN:.0%} foreign CPU load "
+        "re-run). Ours masks the gradients (`torch.where`, bool masks) before and re-masks the weights after each "
+        "optimizer step; Lightning's `ModelPruning(\"l1_unstructured\", parameter_names=[\"weight\"], "
+        "use_lottery_ticket_hypothesis=False, use_global_unstructured=False)` (torch.nn.utils.prune) keeps "
+        "`weight_orig` and a float mask and recomputes `weight = weight_orig * mask` in a forward pre-hook on every "
+        "forward. Ratios: median of the per-fit medians / plain, in brackets the min–max of the per-round ratios. "
+        "Target: ours ≤ 1.05× plain between events.",
+        "",
+        f"**(a) Between pruning events**: {a['repeats']} fits per variant of {a['steps']} steps in {a['epoch']}-step "
+        f"epochs; ours prunes one-shot at step 0, ModelPruning at the end of epoch 0; the first {a['warmup']} steps and "
+        "the steps that straddle an epoch end are not timed. *Work*: the pruning code timed in place in the same fits "
+        "(ModelPruning: its 6 pre-hooks; their backward is not timed). *Extra memory*: bytes the Linear layers hold "
+        "beyond weight + bias at the last step; *sparsity*: zeros of the weights the forward uses.",
+        "",
+        harness.markdown_table(
+            ["variant", "ms/step [IQR]", "vs plain", "work ms/step", "extra MiB", "extra B / weight", "sparsity", "rounds re-run"],
+            [["plain", f"{ms(ra['plain']['median'])} [{ms(ra['plain']['q1'])}–{ms(ra['plain']['q3'])}]", "—", "—", "0", "0", "—", redone(a)],
+             [OURS, ms(ra[OURS]["median"]), f"**{ratio(ra[OURS])}**",
+              f"mask_grads_ {ms(hook[OURS]['mask_grads_'])} + apply_ {ms(hook[OURS]['apply_'])}",
+              f"{mem[OURS]['bytes_extra'] / 2**20:.1f}", f"{mem[OURS]['bytes_extra'] / mem[OURS]['targets']:.2f}",
+              f"{min(f['sparsity'] for f in a['fits'][OURS]):.4f}", ""],
+             [THEIRS, ms(ra[THEIRS]["median"]), ratio(ra[THEIRS]), f"pre-hooks {ms(hook[THEIRS]['pre_hooks'])}",
+              f"{mem[THEIRS]['bytes_extra'] / 2**20:.1f}", f"{mem[THEIRS]['bytes_extra'] / mem[THEIRS]['targets']:.2f}",
+              f"{min(f['sparsity'] for f in a['fits'][THEIRS]):.4f}", ""]],
+        ),
+        "",
+        f"**(b) Amortised over a gradual run**: {b['repeats']} fits per variant of {b['steps']} steps in {b['epoch']}-step "
+        f"epochs (first {b['warmup']} not timed). Ours: cubic 0 → {s['sparsity']:.0%} at steps {b['epoch']}, "
+        f"{2 * b['epoch']}, …, {b['steps'] - b['epoch']} ({n_ev[OURS]} events, the first at 0%); ModelPruning: the "
+        f"same sparsities at the ends of epochs 1–{n_ev[THEIRS]} (callable `amount` = share of the remaining weights). "
+        "*Mean step*: all steps, events and epoch ends included; *steady*: median step inside an epoch; "
+        "*ms / event*: median [max] over all events. Re-run rounds: " + redone(b) + ".",
+        "",
+        harness.markdown_table(
+            ["variant", "mean step ms", "mean vs plain", "steady vs plain", "events", "ms / event", "final sparsity"],
+            [[v, ms(harness.median(b["mean_s"][v])), "—" if v == "plain" else ratio(mb[v]),
+              "—" if v == "plain" else ratio(rb[v]), str(n_ev.get(v, 0)),
+              f"{ms(harness.median(ev[v]))} [{ms(max(ev[v]))}]" if ev.get(v) else "—",
+              "—" if v == "plain" else f"{min(f['sparsity'] for f in b['fits'][v]):.4f}"] for v in ("plain", OURS, THEIRS)],
+        ),
+        "",
+        "**Where the time goes** (outside the Trainer, same model and batch; median ms per phase over interleaved "
+        "bursts). *masked*: our `MaskEngine` after a one-shot 90% event before the first step, so Adam's state of the "
+        "pruned slots is exactly 0, as after any event (the engine zeroes the state of newly pruned slots). *masked, "
+        "state 1e-30*: the same with Adam's `exp_avg_sq` of pruned slots set to 1e-30 after the first step: identical "
+        "(zero) updates, but `Adam.step`'s `sqrt` no longer meets exact zeros. *float-mask mul*: apply_'s work done "
+        "with float32 masks instead of bool ones, for reference (in no variant's step).",
+        "",
+        harness.markdown_table(
+            ["setup", *PHASES, "step total"],
+            [[k, *("—" if k == "plain" and n not in ("forward+backward", "Adam step") else ms(harness.median(v[n]))
+                   for n in PHASES), ms(sum(harness.median(v[n]) for n in PHASES[:-1]))] for k, v in ph.items()],
+        ),
+    ])
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [("(a) between events", res["between"]["rows"]), ("(b) gradual, amortised", res["gradual"]["mean_rows"])]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for i, v in enumerate((OURS, THEIRS)):
+        rows = [next(r for r in g if r["variant"] == v) for _, g in groups]
+        x = [j + (i - 0.5) * 0.35 for j in range(len(groups))]
+        err = [[r["ratio"] - r["ratio_min"] for r in rows], [r["ratio_max"] - r["ratio"] for r in rows]]
+        ax.bar(x, [r["ratio"] for r in rows], 0.35, yerr=err, capsize=3,
+               label="GradualPruning (lichtenberg)" if v == OURS else "Lightning ModelPruning")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(1.05, color="gray", ls="--", lw=0.8, label="1.05× target")
+    ax.set_xticks(range(len(groups)), [g for g, _ in groups])
+    ax.set_ylabel("step time / plain")
+    ax.set_title(f"Pruning at {SPARSITY:.0%}: training-step overhead (CPU, 6×Linear MLP)", fontsize=10)
+    ax.set_ylim(0, max(r["ratio_max"] for _, g in groups for r in g) + 0.45)  # room for the legend
+    ax.legend(fontsize=8, loc="upper center", ncol=3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: small model, few fits, docs untouched")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(THREADS)
+    harness.quiet_lightning()
+    t0 = time.perf_counter()
+    res = run(args.quick)
+    runtime = time.perf_counter() - t0
+    res["machine"], res["runtime_s"] = harness.machine(), runtime
+    name = "pruning_overhead"
+    markdown = render(res)
+    if args.quick:
+        print(markdown)
+        print(f"[{name}] quick run, docs untouched; {harness.write_json(name + '-quick', res)}")
+        return
+    img = harness.REPO_ROOT / "docs" / "img" / f"{name}.png"
+    plot(res, img)
+    markdown = f"{markdown}\n\n![pruning step-time ratios](img/{img.name})"
+    markdown = markdown.replace("\n\n", "\n\n" + harness.header(runtime) + "\n\n", 1)
+    print(markdown)
+    harness.write_json(name, res)
+    print(f"[{name}] wrote {harness.write_section(name, markdown, data=res)} in {runtime:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
