@@ -308,23 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     harness.quiet_lightning()
     t0 = time.perf_counter()
     results = run(args.seeds, args.quick)
-    runtime = time.perf_counter() - t0
-    results["machine"] = harness.machine()
-    results["runtime_s"] = runtime
-    name = "averaging_quality"
-    markdown = render(results)
-    if args.quick:
-        print(markdown)
-        print(f"[averaging_quality] quick run, docs untouched; {harness.write_json(name + '-quick', results)}")
-        return
-    img = harness.REPO_ROOT / "docs" / "img" / "averaging_quality.png"
-    plot(results, img)
-    markdown = f"{markdown}\n\n![Δ accuracy vs last iterate](img/{img.name})"
-    markdown = markdown.replace("\n\n", "\n\n" + harness.header(runtime) + "\n\n", 1)  # under the title
-    print(markdown)
-    harness.write_json(name, results)
-    print(f"[averaging_quality] wrote {harness.write_section(name, markdown, data=results)} in {runtime:.0f} s")
-
+    harness.publish("averaging_quality", results, time.perf_counter() - t0, render, plot, "Δ accuracy vs last iterate", args.quick)
 
 if __name__ == "__main__":
     main()

@@ -412,23 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     harness.quiet_lightning()
     t0 = time.perf_counter()
     results = run(args.quick)
-    runtime = time.perf_counter() - t0
-    results["machine"] = harness.machine()
-    results["runtime_s"] = runtime
-    name = "ema_overhead"
-    markdown = render(results)
-    if args.quick:
-        print(markdown)
-        print(f"[ema_overhead] quick run, docs untouched; {harness.write_json(name + '-quick', results)}")
-        return
-    img = harness.REPO_ROOT / "docs" / "img" / "ema_overhead.png"
-    plot(results, img)
-    markdown = f"{markdown}\n\n![EMA step-time ratios](img/{img.name})"
-    markdown = markdown.replace("\n\n", "\n\n" + harness.header(runtime) + "\n\n", 1)  # under the title
-    print(markdown)
-    harness.write_json(name, results)
-    print(f"[ema_overhead] wrote {harness.write_section(name, markdown, data=results)} in {runtime:.0f} s")
-
+    harness.publish("ema_overhead", results, time.perf_counter() - t0, render, plot, "EMA step-time ratios", args.quick)
 
 if __name__ == "__main__":
     main()

@@ -35,6 +35,7 @@ __all__ = [
     "header",
     "interleaved",
     "machine",
+    "publish",
     "markdown_table",
     "mean_std",
     "median",
@@ -331,3 +332,30 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def publish(name: str, results: dict, runtime_s: float, render, plot, alt: str, quick: bool) -> None:
+    """Print a benchmark's markdown; unless ``quick``, also write its plot, JSON and docs section.
+
+    Args:
+        name: the section / file name (``docs/results.md`` marker, ``docs/img/NAME.png``).
+        results: the measurements; machine facts and the runtime are added here.
+        runtime_s: wall time of the measurements.
+        render: ``render(results) -> markdown`` (a title line, then the body).
+        plot: ``plot(results, path)`` writes the PNG.
+        alt: alt text of the plot.
+        quick: smoke run: print only, leave docs untouched.
+    """
+    results["machine"], results["runtime_s"] = machine(), runtime_s
+    markdown = render(results)
+    if quick:
+        print(markdown)
+        print(f"[{name}] quick run, docs untouched; {write_json(name + '-quick', results)}")
+        return
+    img = REPO_ROOT / "docs" / "img" / f"{name}.png"
+    plot(results, img)
+    markdown = f"{markdown}\n\n![{alt}](img/{img.name})"
+    markdown = markdown.replace("\n\n", "\n\n" + header(runtime_s) + "\n\n", 1)  # under the title
+    print(markdown)
+    write_json(name, results)
+    print(f"[{name}] wrote {write_section(name, markdown, data=results)} in {runtime_s:.0f} s")

@@ -385,22 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     harness.quiet_lightning()
     t0 = time.perf_counter()
     res = run(args.quick)
-    runtime = time.perf_counter() - t0
-    res["machine"], res["runtime_s"] = harness.machine(), runtime
-    name = "pruning_overhead"
-    markdown = render(res)
-    if args.quick:
-        print(markdown)
-        print(f"[{name}] quick run, docs untouched; {harness.write_json(name + '-quick', res)}")
-        return
-    img = harness.REPO_ROOT / "docs" / "img" / f"{name}.png"
-    plot(res, img)
-    markdown = f"{markdown}\n\n![pruning step-time ratios](img/{img.name})"
-    markdown = markdown.replace("\n\n", "\n\n" + harness.header(runtime) + "\n\n", 1)
-    print(markdown)
-    harness.write_json(name, res)
-    print(f"[{name}] wrote {harness.write_section(name, markdown, data=res)} in {runtime:.0f} s")
-
+    harness.publish("pruning_overhead", res, time.perf_counter() - t0, render, plot, "pruning step-time ratios", args.quick)
 
 if __name__ == "__main__":
     main()

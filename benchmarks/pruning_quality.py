@@ -248,22 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     harness.quiet_lightning()
     t0 = time.perf_counter()
     results = run(args.seeds, args.quick)
-    runtime = time.perf_counter() - t0
-    results["machine"], results["runtime_s"] = harness.machine(), runtime
-    name = "pruning_quality"
-    markdown = render(results)
-    if args.quick:
-        print(markdown)
-        print(f"[{name}] quick run, docs untouched; {harness.write_json(name + '-quick', results)}")
-        return
-    img = harness.REPO_ROOT / "docs" / "img" / f"{name}.png"
-    plot(results, img)
-    markdown = f"{markdown}\n\n![accuracy vs sparsity](img/{img.name})"
-    markdown = markdown.replace("\n\n", "\n\n" + harness.header(runtime) + "\n\n", 1)
-    print(markdown)
-    harness.write_json(name, results)
-    print(f"[{name}] wrote {harness.write_section(name, markdown, data=results)} in {runtime:.0f} s")
-
+    harness.publish("pruning_quality", results, time.perf_counter() - t0, render, plot, "accuracy vs sparsity", args.quick)
 
 if __name__ == "__main__":
     main()
