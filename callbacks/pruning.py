@@ -103,6 +103,7 @@ class GradualPruning(Callback):
         self._initial: dict[str, torch.Tensor] = {}
         self._hooks: list = []
         self._events = 0
+        self._events_done_at = -1  # one event per step even with several optimizers
         self._layer_final: dict[str, float] | None = None
 
     @property
@@ -167,8 +168,6 @@ class GradualPruning(Callback):
             self._prune(trainer, pl_module, step)
         if step >= self._start:
             self.engine.mask_grads_()
-
-    _events_done_at = -1
 
     @torch.no_grad()
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
