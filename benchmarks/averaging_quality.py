@@ -310,5 +310,6 @@ def main(argv: list[str] | None = None) -> None:
     results = run(args.seeds, args.quick)
     harness.publish("averaging_quality", results, time.perf_counter() - t0, render, plot, "Δ accuracy vs last iterate", args.quick)
 
+
 if __name__ == "__main__":
     main()

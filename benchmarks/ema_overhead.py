@@ -414,5 +414,6 @@ def main(argv: list[str] | None = None) -> None:
     results = run(args.quick)
     harness.publish("ema_overhead", results, time.perf_counter() - t0, render, plot, "EMA step-time ratios", args.quick)
 
+
 if __name__ == "__main__":
     main()

@@ -387,5 +387,6 @@ def main(argv: list[str] | None = None) -> None:
     res = run(args.quick)
     harness.publish("pruning_overhead", res, time.perf_counter() - t0, render, plot, "pruning step-time ratios", args.quick)
 
+
 if __name__ == "__main__":
     main()

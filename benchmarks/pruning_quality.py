@@ -250,5 +250,6 @@ def main(argv: list[str] | None = None) -> None:
     results = run(args.seeds, args.quick)
     harness.publish("pruning_quality", results, time.perf_counter() - t0, render, plot, "accuracy vs sparsity", args.quick)
 
+
 if __name__ == "__main__":
     main()
