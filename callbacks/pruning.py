@@ -33,6 +33,7 @@ from ._summary import format_table
 __all__ = ["GradualPruning"]
 
 _ALLOCATIONS = ("uniform", "global", "global_floor", "lamp", "erk")
+_ZERO_PRESERVING = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
 class GradualPruning(Callback):
@@ -40,8 +41,9 @@ class GradualPruning(Callback):
 
     At every pruning event (optimizer-step based) new masks are computed from the scores,
     the budget is split across layers by ``allocation``, and optimizer state of newly pruned
-    slots is zeroed. Between events gradients are masked before each optimizer step and the
-    weights re-masked after it, so pruned weights stay exactly zero with any optimizer.
+    slots is zeroed. Between events gradients are masked before each optimizer step, which
+    keeps pruned weights at exactly zero under SGD, Adam and AdamW; after the step of any
+    other optimizer the weights are re-masked as well.
 
     Args:
         sparsity: final fraction of the target weights pruned, in [0, 1). For an N:M pattern
@@ -145,7 +147,14 @@ class GradualPruning(Callback):
         assert self.engine is not None
         self.engine.rebind_()  # moving the module to its device replaced the buffers
         self._start, self._end = self.schedule.resolve(trainer.estimated_stepping_batches)
-        self._hooks = [opt.register_step_post_hook(lambda *_: self.engine.apply_()) for opt in trainer.optimizers]
+        # With masked gradients and zeroed state, SGD / Adam / AdamW leave pruned weights at
+        # exactly 0 (a zero moment gives a zero update, decay of 0 is 0): re-masking after
+        # their step would be a redundant pass. Any other optimizer gets the safety net.
+        self._hooks = [
+            opt.register_step_post_hook(lambda *_: self.engine.apply_())
+            for opt in trainer.optimizers
+            if type(opt) not in _ZERO_PRESERVING
+        ]
         rank_zero_info(f"GradualPruning: events at optimizer steps {self._start}..{self._end} every {self.schedule.every_n_steps}.")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
