@@ -293,10 +293,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ax.set_xlabel(f"{label} vs last iterate")
             ax.set_title(task, fontsize=10)
     fig.suptitle("Weight averaging vs the last iterate (blue: lichtenberg, orange: Lightning)", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:

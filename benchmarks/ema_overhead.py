@@ -398,10 +398,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     top = max(r["ratio_max"] for n in names for r in results["models"][n]["rows"])
     ax.set_ylim(0, top + 0.35)  # room for the legend above the bars
     ax.legend(fontsize=8, loc="upper left", ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:

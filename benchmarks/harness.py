@@ -36,6 +36,7 @@ __all__ = [
     "interleaved",
     "machine",
     "publish",
+    "save_figure",
     "markdown_table",
     "mean_std",
     "median",
@@ -359,3 +360,13 @@ def publish(name: str, results: dict, runtime_s: float, render, plot, alt: str, 
     print(markdown)
     write_json(name, results)
     print(f"[{name}] wrote {write_section(name, markdown, data=results)} in {runtime_s:.0f} s")
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write as PNG (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

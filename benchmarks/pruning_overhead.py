@@ -371,10 +371,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     ax.set_title(f"Pruning at {SPARSITY:.0%}: training-step overhead (CPU, 6×Linear MLP)", fontsize=10)
     ax.set_ylim(0, max(r["ratio_max"] for _, g in groups for r in g) + 0.45)  # room for the legend
     ax.legend(fontsize=8, loc="upper center", ncol=3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:

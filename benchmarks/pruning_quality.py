@@ -233,10 +233,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.set_title(task, fontsize=10)
         ax.legend(fontsize=8, loc="lower left")
     fig.suptitle("Magnitude pruning: accuracy vs sparsity (mean ± std over seeds)", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -109,9 +109,6 @@ class MaskEngine:
         self.apply_()
         return changed_counts
 
-    def density(self) -> dict[str, float]:
-        return {n: float(m.sum()) / m.numel() for n, m in self.masks.items()}
-
     def sparsity_report(self) -> tuple[dict[str, float], float]:
         """Per-layer and global sparsity of the masks."""
         kept = {n: int(m.sum()) for n, m in self.masks.items()}

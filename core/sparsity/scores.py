@@ -13,7 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["InputNorms", "gradient_score", "magnitude_score", "wanda_score"]
