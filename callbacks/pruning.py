@@ -19,6 +19,7 @@ from ..core.schedules import SparsitySchedule
 from ..core.sparsity import (
     Allocation,
     InputNorms,
+    SRSTE,
     MaskEngine,
     check_nm,
     gradient_score,
@@ -59,6 +60,9 @@ class GradualPruning(Callback):
         rewind: lottery-ticket rewinding of surviving weights to their initial values at
             each event (off by default).
         make_permanent: remove the mask buffers at the end of fit (a plain module remains).
+        sr_ste: SR-STE decay lambda for an N:M pattern (0 = off; the paper uses 2e-4). When on,
+            the N:M mask is recomputed from a dense latent weight after every optimizer step
+            from the schedule's start (one optimizer only; one extra float copy of the weights).
 
     Example:
         >>> trainer = Trainer(max_epochs=20, callbacks=[GradualPruning(sparsity=0.9)])
@@ -74,6 +78,7 @@ class GradualPruning(Callback):
         targets: Targets | None = None,
         rewind: bool = False,
         make_permanent: bool = False,
+        sr_ste: float = 0.0,
     ) -> None:
         if not 0.0 <= sparsity < 1.0:
             raise ValueError(f"sparsity={sparsity} must lie in [0, 1): it is the fraction of weights removed.")
@@ -91,7 +96,13 @@ class GradualPruning(Callback):
                 f"pattern={pattern!r} prunes {1 - self.nm[0] / self.nm[1]:g} of the weights, but sparsity={sparsity}: "
                 f"set sparsity={1 - self.nm[0] / self.nm[1]:g}."
             )
+        if sr_ste < 0 or (sr_ste and (self.nm is None or score != "magnitude")):
+            raise ValueError(
+                f"sr_ste={sr_ste} needs a decay >= 0 (paper: 2e-4), an N:M pattern (e.g. pattern='2:4') and "
+                f"score='magnitude' (got pattern={pattern!r}, score={score!r})."
+            )
         self.sparsity = sparsity
+        self.sr_ste = sr_ste
         self.schedule = schedule or SparsitySchedule()
         self.score = score
         self.allocation = allocation
@@ -107,6 +118,8 @@ class GradualPruning(Callback):
         self._events = 0
         self._events_done_at = -1  # one event per step even with several optimizers
         self._layer_final: dict[str, float] | None = None
+        self._srste: SRSTE | None = None
+        self._srste_state: dict[str, torch.Tensor] = {}
 
     @property
     def state_key(self) -> str:
@@ -153,8 +166,15 @@ class GradualPruning(Callback):
         self._hooks = [
             opt.register_step_post_hook(lambda *_: self.engine.apply_())
             for opt in trainer.optimizers
-            if type(opt) not in _ZERO_PRESERVING
+            if type(opt) not in _ZERO_PRESERVING and not self.sr_ste
         ]
+        if self.sr_ste:
+            if len(trainer.optimizers) != 1:
+                raise ValueError(f"sr_ste needs exactly one optimizer, got {len(trainer.optimizers)}: use sr_ste=0.")
+            assert self.nm is not None
+            self._srste = SRSTE(self.engine, *self.nm, decay=self.sr_ste)
+            self._srste.load_state_dict(self._srste_state)
+            self._hooks.append(trainer.optimizers[0].register_step_post_hook(lambda *_: self._srste.after_step_()))
         rank_zero_info(f"GradualPruning: events at optimizer steps {self._start}..{self._end} every {self.schedule.every_n_steps}.")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -173,6 +193,10 @@ class GradualPruning(Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         assert self.engine is not None
         step = trainer.global_step
+        if self._srste is not None:  # N:M from a dense latent weight, every step from the start
+            if step >= self._start:
+                self._srste.before_step_()
+            return
         if self._is_event(step) and self._events_done_at != step:
             self._prune(trainer, pl_module, step)
         if step >= self._start:
@@ -227,8 +251,10 @@ class GradualPruning(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         # Masks travel as model buffers; only the rewind point and the event count live here.
-        return {"events": self._events, "initial": dict(self._initial)}
+        latent = self._srste.state_dict() if self._srste is not None else self._srste_state
+        return {"events": self._events, "initial": dict(self._initial), "sr_ste_latent": latent}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._events = int(state_dict["events"])
         self._initial = dict(state_dict["initial"])
+        self._srste_state = dict(state_dict.get("sr_ste_latent", {}))

@@ -6,11 +6,13 @@ from .export import export_sparse_
 from .masks import check_nm, nm_mask, parse_pattern, topk_mask
 from .pruning import prune_masks
 from .scores import InputNorms, gradient_score, magnitude_score, wanda_score
+from .srste import SRSTE
 
 __all__ = [
     "Allocation",
     "InputNorms",
     "MaskEngine",
+    "SRSTE",
     "allocate",
     "check_nm",
     "erk_densities",

@@ -220,3 +220,55 @@ def test_explicit_per_layer_sparsity_dict():
     assert abs(halfway["net.0.weight"] - 0.9 * progress) * 128 <= 1
     with pytest.raises(ValueError, match=r"allocation globs \['enc\*'\] match no pruned module"):
         fit([GradualPruning(schedule=SCHEDULE, allocation={"enc*": 0.5})])
+
+
+class NMRecorder(Callback):
+    """After every optimizer step: masks, and whether every 4-group of each weight keeps exactly 2."""
+
+    def __init__(self, pruning: GradualPruning):
+        self.pruning, self.masks, self.exact = pruning, [], []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        engine = self.pruning.engine
+        self.masks.append({n: m.clone() for n, m in engine.masks.items()})
+        self.exact.append(all(bool(((p != 0).reshape(-1, 4).sum(1) == 2).all()) for p in engine.params.values()))
+
+
+def test_sr_ste_recomputes_the_nm_mask_every_step_from_a_dense_latent_weight():
+    schedule = SparsitySchedule(kind="one_shot", start=4)
+    fixed = GradualPruning(sparsity=0.5, pattern="2:4", schedule=schedule)
+    srste = GradualPruning(sparsity=0.5, pattern="2:4", schedule=schedule, sr_ste=2e-4)
+    (rec_fixed, rec_srste) = NMRecorder(fixed), NMRecorder(srste)
+    fit([fixed, rec_fixed])
+    _, model = fit([srste, rec_srste])
+    assert all(rec_srste.exact[4:]) and all(rec_fixed.exact[4:])  # exactly 2 of 4 after every step from the start
+
+    def flips(rec):
+        return sum(any(not torch.equal(a[n], b[n]) for n in a) for a, b in zip(rec.masks[4:], rec.masks[5:]))
+
+    assert flips(rec_fixed) == 0  # plain N:M: masks fixed at the event
+    assert flips(rec_srste) > 0  # SR-STE: pruned weights can come back
+    latent = srste._srste.latent
+    for name, param in srste.engine.params.items():  # the parameter is the masked latent weight
+        mask = srste.engine.masks[name]
+        assert torch.equal(param, torch.where(mask, latent[name], 0.0))
+        assert (latent[name][~mask] != 0).any()
+
+
+def test_sr_ste_resumes_bit_exactly(tmp_path):
+    from tests.test_contract import assert_same, crash_and_resume
+
+    def make():
+        return [GradualPruning(sparsity=0.5, pattern="2:4", schedule=SparsitySchedule(kind="one_shot", start=4), sr_ste=1e-2)]
+
+    (ref_cb,), ref, (cb,), resumed = crash_and_resume(make, tmp_path)
+    assert_same(resumed.state_dict(), ref.state_dict(), "final weights and masks")
+    assert_same(cb.state_dict(), ref_cb.state_dict(), "latent weights")
+    assert cb.state_dict()["sr_ste_latent"]
+
+
+def test_sr_ste_bad_input():
+    with pytest.raises(ValueError, match="needs a decay >= 0.*N:M pattern"):
+        GradualPruning(sparsity=0.5, sr_ste=2e-4)
+    with pytest.raises(ValueError, match="score='magnitude'"):
+        GradualPruning(sparsity=0.5, pattern="2:4", score="wanda", sr_ste=2e-4)

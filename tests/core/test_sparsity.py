@@ -223,3 +223,31 @@ def test_masked_bits_zero_pruned_slots_exactly_and_leave_kept_bits_alone(dtype):
     masked_bits_([x], [mask])
     assert x[~mask].eq(0).all() and not x[~mask].signbit().any()  # +0.0, NaN and inf cleared
     assert torch.equal(x[mask].view(torch.uint8), before[mask].view(torch.uint8))  # bit-identical (-0.0 kept)
+
+
+def test_sr_ste_decays_pruned_latent_weights_and_keeps_exact_nm():
+    from lichtenberg.core.sparsity.srste import SRSTE
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 3)
+    engine = MaskEngine.attach_(layer, {"weight": layer.weight})
+    srste = SRSTE(engine, 2, 4, decay=0.5)
+    opt = torch.optim.SGD(layer.parameters(), lr=1.0)
+    dense = layer.weight.detach().clone()
+    layer.weight.grad = torch.zeros_like(layer.weight)
+    srste.before_step_()
+    kept = layer.weight_mask.clone()
+    opt.step()
+    srste.after_step_()
+    # Zero loss gradient: kept latent weights unchanged, pruned ones shrunk by (1 - lr * decay).
+    assert torch.allclose(srste.latent["weight"], torch.where(kept, dense, 0.5 * dense))
+    assert torch.equal(layer.weight, torch.where(layer.weight_mask, srste.latent["weight"], 0.0))
+    assert ((layer.weight != 0).reshape(-1, 4).sum(1) == 2).all()
+    # A large gradient on a pruned slot makes it win its group at the next recomputation.
+    slot = (~layer.weight_mask).nonzero()[0]
+    layer.weight.grad = torch.zeros_like(layer.weight)
+    layer.weight.grad[tuple(slot)] = -100.0
+    srste.before_step_()
+    opt.step()
+    srste.after_step_()
+    assert layer.weight_mask[tuple(slot)]

@@ -1,0 +1,72 @@
+"""SR-STE (Zhou et al., ICLR 2021): N:M sparse training with a dense latent weight.
+
+The forward and backward passes see the N:M-sparse weight; the optimizer steps the dense
+latent weight with the sparse-forward gradient (straight-through) plus a decay
+``decay * (1 - M) * W`` that pulls pruned latent weights towards zero, so the mask, recomputed
+from |W| after every step, settles instead of flipping back and forth.
+
+The parameter itself holds the sparse weight between steps (what validation, checkpoints and
+export see); the dense latent weight lives here and is restored only around the optimizer
+step. Cost: one extra float copy of the target weights and one N:M selection per step.
+
+Example:
+    >>> srste = SRSTE(engine, n=2, m=4, decay=2e-4)
+    >>> ...  # backward on the sparse weight
+    >>> srste.before_step_(); optimizer.step(); srste.after_step_()
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .engine import MaskEngine
+from .masks import nm_mask
+
+__all__ = ["SRSTE"]
+
+
+class SRSTE:
+    """Dense latent weights and per-step N:M masks for the parameters of ``engine``.
+
+    Args:
+        engine: the mask engine holding the target parameters and their masks.
+        n: weights kept in every group.
+        m: group size along the input dimension(s).
+        decay: lambda of the sparse-refined term; the paper uses 2e-4.
+    """
+
+    def __init__(self, engine: MaskEngine, n: int, m: int, decay: float) -> None:
+        self.engine, self.n, self.m, self.decay = engine, n, m, decay
+        self.latent: dict[str, Tensor] = {}
+
+    @torch.no_grad()
+    def before_step_(self) -> None:
+        """Put the dense latent weights back and add the decay on pruned slots to their gradients."""
+        params, masks = self.engine.params, self.engine.masks
+        if not self.latent:  # first step: the parameters are still dense
+            self.latent = {n: p.detach().clone() for n, p in params.items()}
+            for name, p in params.items():
+                masks[name].copy_(nm_mask(p.detach().abs(), self.n, self.m))
+        else:
+            names = list(params)
+            torch._foreach_copy_([params[n].detach() for n in names], [self.latent[n] for n in names])
+        for name, p in params.items():
+            if p.grad is not None and self.decay:
+                p.grad.add_(torch.where(masks[name], 0.0, p.detach()), alpha=self.decay)
+
+    @torch.no_grad()
+    def after_step_(self) -> None:
+        """Keep the stepped dense weights as latent, recompute the N:M masks, sparsify the parameters."""
+        if not self.latent:  # a step before SR-STE started
+            return
+        for name, p in self.engine.params.items():
+            self.latent[name].copy_(p)
+            self.engine.masks[name].copy_(nm_mask(p.abs(), self.n, self.m))
+        self.engine.apply_()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return dict(self.latent)
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.latent = {n: t.to(self.engine.params[n].device).clone() for n, t in state.items()}
