@@ -12,7 +12,6 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ..core.schedules import SparsitySchedule
@@ -20,7 +19,6 @@ from ..core.sparsity import (
     Allocation,
     InputNorms,
     SRSTE,
-    MaskEngine,
     check_nm,
     gradient_score,
     magnitude_score,
@@ -28,16 +26,16 @@ from ..core.sparsity import (
     prune_masks,
     wanda_score,
 )
-from ..core.targets import Targets, select_targets
+from ..core.targets import Selection, Targets
+from ._sparsity import _Sparsity
 from ._summary import format_table
 
 __all__ = ["GradualPruning"]
 
 _ALLOCATIONS = ("uniform", "global", "global_floor", "lamp", "erk")
-_ZERO_PRESERVING = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
-class GradualPruning(Callback):
+class GradualPruning(_Sparsity):
     """Prune target weights to ``sparsity`` along a schedule (Zhu & Gupta's cubic by default).
 
     At every pruning event (optimizer-step based) new masks are computed from the scores,
@@ -107,16 +105,13 @@ class GradualPruning(Callback):
         self.score = score
         self.allocation = allocation
         self.pattern = pattern
-        self.targets = targets or Targets()
+        super().__init__(targets)
         self.rewind = rewind
         self.make_permanent = make_permanent
-        self.engine: MaskEngine | None = None
-        self._start, self._end = 0, 0
+        self._end = 0
         self._norms: InputNorms | None = None
         self._initial: dict[str, torch.Tensor] = {}
-        self._hooks: list = []
         self._events = 0
-        self._events_done_at = -1  # one event per step even with several optimizers
         self._layer_final: dict[str, float] | None = None
         self._srste: SRSTE | None = None
         self._srste_state: dict[str, torch.Tensor] = {}
@@ -126,22 +121,15 @@ class GradualPruning(Callback):
         return self._generate_state_key(sparsity=self.sparsity, pattern=self.pattern)
 
     # -- set-up --------------------------------------------------------------------------
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.engine is not None:
-            return
-        selection = select_targets(pl_module, self.targets)
+    def _check(self, selection: Selection) -> None:
         if self.nm is not None:
             for name, param in selection.params.items():
                 check_nm(name, param.shape, self.nm[1])
-        rank_zero_info(f"GradualPruning: {selection.report()}")
         self._layer_final = self._per_layer_targets(selection.params)
-        self.engine = MaskEngine.attach_(pl_module, selection.params)
-        self._modules = selection.modules
-        # Masks change only at events: keep DDP from broadcasting them on every forward.
-        ignored = set(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", ()))
-        pl_module._ddp_params_and_buffers_to_ignore = sorted(ignored | set(self.engine.buffer_names))
+
+    def _init_masks(self, trainer: pl.Trainer) -> None:
         if self.rewind and not self._initial:
-            self._initial = {n: p.detach().clone() for n, p in selection.params.items()}
+            self._initial = {n: p.detach().clone() for n, p in self.engine.params.items()}
 
     def _per_layer_targets(self, params: dict[str, torch.nn.Parameter]) -> dict[str, float] | None:
         """Final sparsity per layer for an explicit allocation dict (first matching glob wins)."""
@@ -157,55 +145,36 @@ class GradualPruning(Callback):
         }
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self.engine is not None
-        self.engine.rebind_()  # moving the module to its device replaced the buffers
         self._start, self._end = self.schedule.resolve(trainer.estimated_stepping_batches)
-        # With masked gradients and zeroed state, SGD / Adam / AdamW leave pruned weights at
-        # exactly 0 (a zero moment gives a zero update, decay of 0 is 0): re-masking after
-        # their step would be a redundant pass. Any other optimizer gets the safety net.
-        self._hooks = [
-            opt.register_step_post_hook(lambda *_: self.engine.apply_())
-            for opt in trainer.optimizers
-            if type(opt) not in _ZERO_PRESERVING and not self.sr_ste
-        ]
+        super().on_fit_start(trainer, pl_module)
         if self.sr_ste:
+            for handle in self._hooks:  # the SR-STE step is followed by its own re-masking
+                handle.remove()
             if len(trainer.optimizers) != 1:
                 raise ValueError(f"sr_ste needs exactly one optimizer, got {len(trainer.optimizers)}: use sr_ste=0.")
-            assert self.nm is not None
+            assert self.nm is not None and self.engine is not None
             self._srste = SRSTE(self.engine, *self.nm, decay=self.sr_ste)
             self._srste.load_state_dict(self._srste_state)
-            self._hooks.append(trainer.optimizers[0].register_step_post_hook(lambda *_: self._srste.after_step_()))
+            self._hooks = [trainer.optimizers[0].register_step_post_hook(lambda *_: self._srste.after_step_())]
         rank_zero_info(f"GradualPruning: events at optimizer steps {self._start}..{self._end} every {self.schedule.every_n_steps}.")
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
-
     # -- training ------------------------------------------------------------------------
-    def _is_event(self, step: int) -> bool:
+    def _due(self, step: int) -> bool:
         return self.schedule.is_event(step, self._start, self._end)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.score == "wanda" and self._norms is None and self._is_event(trainer.global_step):
+        if self.score == "wanda" and self._norms is None and self._due(trainer.global_step):
             self._norms = InputNorms(self._modules).__enter__()
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        assert self.engine is not None
-        step = trainer.global_step
-        if self._srste is not None:  # N:M from a dense latent weight, every step from the start
-            if step >= self._start:
-                self._srste.before_step_()
-            return
-        if self._is_event(step) and self._events_done_at != step:
-            self._prune(trainer, pl_module, step)
-        if step >= self._start:
-            self.engine.mask_grads_()
+        if self._srste is None:
+            return super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        if trainer.global_step >= self._start:  # N:M from a dense latent weight, every step
+            self._srste.before_step_()
 
     @torch.no_grad()
-    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         assert self.engine is not None
-        self._events_done_at = step
         params = self.engine.params
         if self.score == "wanda" and self._norms is not None:
             self._norms.__exit__()
@@ -228,12 +197,9 @@ class GradualPruning(Callback):
             for name, param in params.items():
                 param.copy_(self._initial[name] * self.engine.masks[name])
         self._events += 1
-        per_layer, total = self.engine.sparsity_report()
-        pl_module.log("pruning/sparsity", total, on_step=True, on_epoch=False)
+        self._log_density(pl_module, "pruning")
         pl_module.log("pruning/target", target, on_step=True, on_epoch=False)
         pl_module.log("pruning/changed", float(sum(changed.values())), on_step=True, on_epoch=False)
-        for name, value in per_layer.items():
-            pl_module.log(f"pruning/sparsity/{name}", value, on_step=True, on_epoch=False)
 
     # -- end of fit ------------------------------------------------------------------------
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
