@@ -2,5 +2,6 @@
 
 from .averaging import EMA, SWA
 from .pruning import GradualPruning
+from .sparse_training import DynamicSparseTraining
 
-__all__ = ["EMA", "GradualPruning", "SWA"]
+__all__ = ["EMA", "DynamicSparseTraining", "GradualPruning", "SWA"]

@@ -19,10 +19,11 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from lichtenberg.callbacks import EMA, SWA, GradualPruning
+from lichtenberg.callbacks import EMA, SWA, DynamicSparseTraining, GradualPruning
 from lichtenberg.core.schedules import SparsitySchedule
+from lichtenberg.core.sparsity import erk_densities
 
-__all__ = ["CASES", "Case", "active", "EpochShuffle", "TinyData", "TinyModel", "StateDump", "Crash", "flat_state"]
+__all__ = ["CASES", "INCOMPATIBLE", "Case", "active", "EpochShuffle", "TinyData", "TinyModel", "StateDump", "Crash", "flat_state"]
 
 STEPS_PER_EPOCH = 12  # 96 samples / batch 8
 EPOCHS = 4
@@ -58,10 +59,24 @@ def check_pruning(cb, trainer, model) -> None:
     assert cb.state_dict()["events"] == len(events) > 1
 
 
+def check_dst(cb, trainer, model) -> None:
+    masks, params = cb.engine.masks, cb.engine.params
+    shapes = {n: p.shape for n, p in params.items()}
+    densities = erk_densities(shapes, 1 - cb.sparsity)
+    for name, param in params.items():
+        assert int(masks[name].sum()) == round(densities[name] * param.numel()), f"{name}: density drifted"
+        assert (param[~masks[name]] == 0).all(), f"{name}: a masked weight is non-zero"
+    due = [t for t in range(trainer.global_step) if cb._due(t)]
+    assert cb.state_dict()["updates"] == len(due) > 1
+    assert cb.itop > 1 - cb.sparsity, "RigL must have explored weights beyond its initial mask"
+
+
 def active(cb) -> bool:
     """Whether a callback did anything during fit (for pairwise runs)."""
     if isinstance(cb, GradualPruning):
         return cb.state_dict()["events"] > 0
+    if isinstance(cb, DynamicSparseTraining):
+        return cb.state_dict()["updates"] > 0
     return cb.state_dict()["num_updates"] > 0
 
 
@@ -99,7 +114,16 @@ CASES = [
         check_pruning,
         {"schedule": SparsitySchedule},
     ),
+    Case(
+        DynamicSparseTraining,
+        {"sparsity": 0.75, "method": "rigl", "schedule": {"start": 0, "end": 0.75, "every_n_steps": 4}},
+        check_dst,
+        {"schedule": SparsitySchedule},
+    ),
 ]
+
+# Pairs that cannot share a model: the second callback's setup raises ValueError matching the value.
+INCOMPATIBLE = {("GradualPruning", "DynamicSparseTraining"): "both target"}
 
 
 class EpochShuffle(Sampler[int]):

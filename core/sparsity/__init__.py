@@ -1,6 +1,7 @@
 """Sparsity: one mask engine, mask selection, layer allocation, scores and policies."""
 
 from .allocation import Allocation, allocate, erk_densities, lamp_scores
+from .dst import cosine_drop_fraction, drop_and_grow, fanin_masks, random_masks, srigl_update
 from .engine import MaskEngine, mask_name, masked_bits_
 from .export import export_sparse_
 from .masks import check_nm, nm_mask, parse_pattern, topk_mask
@@ -15,8 +16,11 @@ __all__ = [
     "SRSTE",
     "allocate",
     "check_nm",
+    "cosine_drop_fraction",
+    "drop_and_grow",
     "erk_densities",
     "export_sparse_",
+    "fanin_masks",
     "gradient_score",
     "lamp_scores",
     "magnitude_score",
@@ -25,6 +29,8 @@ __all__ = [
     "nm_mask",
     "parse_pattern",
     "prune_masks",
+    "random_masks",
+    "srigl_update",
     "topk_mask",
     "wanda_score",
 ]
