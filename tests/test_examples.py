@@ -37,3 +37,11 @@ def test_example_yaml_runs_through_the_cli(tmp_path, monkeypatch, capsys):
     main(["fit", "--config", str(ROOT / "examples" / "ema.yaml"), "--trainer.max_epochs", "1",
           "--trainer.logger", "false", "--trainer.enable_checkpointing", "false"])
     assert "val_acc, EMA average (40 updates)" in capsys.readouterr().out
+
+
+def test_dynamic_sparse_training_example_trains_90_percent_sparse(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "dynamic_sparse_training.py")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    acc, sparsity, itop = map(float, re.search(r"val_acc (\d\.\d+) at sparsity (\d\.\d+); (\d\.\d+)", result.stdout).groups())
+    assert abs(sparsity - 0.9) < 0.001 and acc > 0.8 and itop > 0.1
