@@ -2,6 +2,7 @@
 
 from .averaging import EMA, SWA
 from .pruning import GradualPruning
+from .quantization import QuantizationAwareTraining
 from .sparse_training import DynamicSparseTraining
 
-__all__ = ["EMA", "DynamicSparseTraining", "GradualPruning", "SWA"]
+__all__ = ["EMA", "DynamicSparseTraining", "GradualPruning", "QuantizationAwareTraining", "SWA"]

@@ -51,14 +51,19 @@ class Selection:
         return "\n".join(lines)
 
 
-def select_targets(model: nn.Module, targets: Targets) -> Selection:
-    """Resolve ``targets`` on ``model``; raises ValueError for globs or types that select nothing."""
+def select_targets(model: nn.Module, targets: Targets, allow_tied: bool = False) -> Selection:
+    """Resolve ``targets`` on ``model``; raises ValueError for globs or types that select nothing.
+
+    A parameter shared by several selected modules (tied weights) is selected once, unless
+    ``allow_tied`` (then every module holding it is selected, under its own name)."""
     params: dict[str, nn.Parameter] = {}
     modules: dict[str, nn.Module] = {}
     skipped: dict[str, str] = {}
     used_globs: set[str] = set()
     for name, module in model.named_modules():
-        if not name or type(module).__name__ not in targets.types:
+        # A fake-quant layer still counts as the layer it replaced (QuantLinear is a "Linear").
+        kind = getattr(type(module), "target_name", type(module).__name__)
+        if not name or kind not in targets.types:
             for pname, _ in module.named_parameters(recurse=False):
                 skipped[f"{name}.{pname}" if name else pname] = f"module type {type(module).__name__} not targeted"
             continue
@@ -78,7 +83,7 @@ def select_targets(model: nn.Module, targets: Targets) -> Selection:
                 f"{full} is selected but {type(module).__name__} has no parameter '{targets.param}'; "
                 "exclude the module or pick another `param`."
             )
-        if any(p is param for p in params.values()):
+        if not allow_tied and any(p is param for p in params.values()):
             skipped[full] = "tied to an already selected parameter"
             continue
         params[full] = param

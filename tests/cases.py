@@ -19,7 +19,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from lichtenberg.callbacks import EMA, SWA, DynamicSparseTraining, GradualPruning
+from lichtenberg.callbacks import EMA, SWA, DynamicSparseTraining, GradualPruning, QuantizationAwareTraining
+from lichtenberg.core.quantization import quant_modules
 from lichtenberg.core.schedules import SparsitySchedule
 from lichtenberg.core.sparsity import erk_densities
 
@@ -71,12 +72,26 @@ def check_dst(cb, trainer, model) -> None:
     assert cb.itop > 1 - cb.sparsity, "RigL must have explored weights beyond its initial mask"
 
 
+def check_qat(cb, trainer, model) -> None:
+    layers = quant_modules(model)
+    assert set(layers) == {"net.0", "net.3"}
+    for name, layer in layers.items():
+        wq, aq = layer.weight_quantizer, layer.input_quantizer
+        assert wq.enabled and aq.enabled and bool(wq.initialized) and bool(aq.initialized), name
+        assert not torch.equal(wq.scale, torch.ones_like(wq.scale)), f"{name}: LSQ scale never initialised"
+        rows = layer.quantized_weight().detach().reshape(layer.weight.shape[0], -1)
+        assert all(r.unique().numel() <= 2**cb.weight_bits for r in rows), f"{name}: more levels than 2^bits"
+    assert trainer.global_step >= cb._start > 0
+
+
 def active(cb) -> bool:
     """Whether a callback did anything during fit (for pairwise runs)."""
     if isinstance(cb, GradualPruning):
         return cb.state_dict()["events"] > 0
     if isinstance(cb, DynamicSparseTraining):
         return cb.state_dict()["updates"] > 0
+    if isinstance(cb, QuantizationAwareTraining):
+        return cb._enabled
     return cb.state_dict()["num_updates"] > 0
 
 
@@ -121,6 +136,14 @@ CASES = [
         {"schedule": SparsitySchedule},
     ),
 ]
+
+CASES.append(
+    Case(
+        QuantizationAwareTraining,
+        {"weight_bits": 4, "activation_bits": 8, "weight_method": "lsq", "activation_method": "lsq", "start_step": 0.1},
+        check_qat,
+    )
+)
 
 # Pairs that cannot share a model: the second callback's setup raises ValueError matching the value.
 INCOMPATIBLE = {("GradualPruning", "DynamicSparseTraining"): "both target"}

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 import lichtenberg.callbacks
+from lichtenberg.core.quantization import quant_modules
 from tests.cases import CASES, EPOCHS, INCOMPATIBLE, Crash, StateDump, TinyData, TinyModel, active, flat_state
 
 BASE = dict(
@@ -133,6 +134,9 @@ def test_pairs_compose_and_resume_bit_exact(pair, tmp_path):
         if getattr(cb, "engine", None) is not None:
             for name, param in cb.engine.params.items():
                 assert (param[~cb.engine.masks[name]] == 0).all(), name
+    for name, layer in quant_modules(resumed).items():  # mask first, then quantize: pruned weights are exactly 0
+        if hasattr(layer, "weight_mask"):
+            assert (layer.quantized_weight()[~layer.weight_mask] == 0).all(), name
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)

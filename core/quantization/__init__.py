@@ -1,0 +1,33 @@
+"""Quantization-aware training: fake-quant math, quantizers, layer swap, integer export."""
+
+from .export import dequantize, export_int, packed_bytes, to_int8_cpu_
+from .functional import binarize, fake_quantize, grad_scale, grouped, qrange, reste_power, round_ste, ternarize
+from .modules import QUANT_CLASSES, QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear, prepare_, quant_modules, unprepare_
+from .quantizers import ACTIVATION_METHODS, WEIGHT_METHODS, ActivationQuantizer, WeightQuantizer
+
+__all__ = [
+    "ACTIVATION_METHODS",
+    "ActivationQuantizer",
+    "QUANT_CLASSES",
+    "QuantConv1d",
+    "QuantConv2d",
+    "QuantEmbedding",
+    "QuantLinear",
+    "WEIGHT_METHODS",
+    "WeightQuantizer",
+    "binarize",
+    "dequantize",
+    "export_int",
+    "fake_quantize",
+    "grad_scale",
+    "grouped",
+    "packed_bytes",
+    "prepare_",
+    "qrange",
+    "quant_modules",
+    "reste_power",
+    "round_ste",
+    "ternarize",
+    "to_int8_cpu_",
+    "unprepare_",
+]

@@ -1,0 +1,112 @@
+"""Fake-quantization math: integer grids, straight-through estimators, group views.
+
+Every quantizer here is "quantize then dequantize" in float, differentiable by a
+straight-through estimator (STE):
+
+- ``fake_quantize`` clamps ``x / s + z`` to the integer range and rounds with an STE. The
+  gradient to ``x`` is 1 inside the clip range and 0 outside. Because the scale enters
+  the graph, the gradient to a learned scale is LSQ's, ``round(v) - v`` inside and the
+  clip bound outside (Esser et al., 2020), with no hand-written backward.
+- ``ternarize`` (BitNet b1.58) and ``binarize`` (sign, with ReSTE's backward) are the
+  1.58- and 1-bit cases.
+
+Example:
+    >>> qmin, qmax = qrange(4, signed=True)                  # -8, 7
+    >>> w_q = fake_quantize(w, scale, torch.zeros(()), qmin, qmax)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "binarize",
+    "fake_quantize",
+    "grad_scale",
+    "grouped",
+    "qrange",
+    "reste_power",
+    "round_ste",
+    "ternarize",
+]
+
+
+def qrange(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer range of a ``bits``-bit grid: [-2^(b-1), 2^(b-1) - 1] or [0, 2^b - 1]."""
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """round(x) forward, identity backward."""
+    return x + (x.round() - x).detach()
+
+
+def grad_scale(x: Tensor, scale: float) -> Tensor:
+    """x forward, gradient multiplied by ``scale`` (LSQ's step-size gradient scaling)."""
+    scaled = x * scale
+    return (x - scaled).detach() + scaled
+
+
+def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """``(clamp(round(x / scale + z), qmin, qmax) - z) * scale`` with an STE through the rounding.
+
+    ``scale`` and ``zero_point`` broadcast against ``x``; ``zero_point`` is rounded (with an
+    STE) so the grid is exactly an integer grid and exports without error.
+    """
+    z = round_ste(zero_point)
+    v = torch.clamp(x / scale + z, qmin, qmax)
+    return (round_ste(v) - z) * scale
+
+
+def grouped(x: Tensor, granularity: str, group_size: int) -> Tensor:
+    """View a weight as [rows, groups, group_size] so that scales of shape [rows, groups, 1]
+    broadcast: one group for "tensor" (rows = 1), the whole row for "channel"."""
+    if granularity == "tensor":
+        return x.reshape(1, 1, -1)
+    rows = x.reshape(x.shape[0], -1)  # [out, fan_in]
+    if granularity == "channel":
+        return rows.unsqueeze(1)
+    return rows.reshape(rows.shape[0], -1, group_size)
+
+
+def ternarize(w: Tensor, scale: Tensor) -> Tensor:
+    """BitNet b1.58: ``clamp(round(w / s), -1, 1) * s`` forward, identity backward (s detached)."""
+    s = scale.detach()
+    q = torch.clamp((w / s).round(), -1, 1) * s
+    return w + (q - w).detach()
+
+
+class _ReSTEBinarize(torch.autograd.Function):
+    """sign(x) forward; backward the derivative of sign(x)|x|^(1/o), 0 beyond ``t``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, o: float, t: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.o, ctx.t = o, t
+        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return grad * reste_power(x, ctx.o, ctx.t), None, None
+
+
+def reste_power(x: Tensor, o: float, t: float, knee: float = 0.1) -> Tensor:
+    """ReSTE's surrogate derivative: (1/o)|x|^((1-o)/o) on (knee, t], the secant slope
+    knee^(1/o) / knee below the knee (no singularity at 0), 0 beyond t. o = 1 is the plain
+    (clipped) STE."""
+    a = x.abs()
+    power = a.clamp_min(knee).pow((1.0 - o) / o) / o
+    secant = math.pow(knee, 1.0 / o) / knee
+    return torch.where(a > t, 0.0, torch.where(a > knee, power, secant)).to(x.dtype)
+
+
+def binarize(w: Tensor, scale: Tensor, o: float = 1.0, t: float = 1.5) -> Tensor:
+    """``sign(w) * s`` with s detached; ReSTE backward on w / s (o = 1: clipped STE)."""
+    s = scale.detach()
+    return _ReSTEBinarize.apply(w / s, o, t) * s
