@@ -33,8 +33,11 @@ __all__ = ["dequantize", "export_int", "packed_bytes", "to_int8_cpu_"]
 @torch.no_grad()
 def export_int(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Integer weights and scales of every fake-quant layer whose quantization has started."""
+    layers = quant_modules(model)
+    if not layers:
+        raise ValueError("the model has no fake-quant layers: prepare it (attach QuantizationAwareTraining) first.")
     out = {}
-    for name, module in quant_modules(model).items():
+    for name, module in layers.items():
         wq = module.weight_quantizer
         if not wq.enabled:
             raise ValueError(f"{name}: its weight quantizer is not enabled (quantization has not started); "

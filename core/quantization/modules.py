@@ -114,6 +114,8 @@ def quant_modules(model: nn.Module) -> dict[str, nn.Module]:
 def unprepare_(model: nn.Module, fold: bool = False) -> dict[str, nn.Module]:
     """Restore the plain classes; with ``fold`` the latent weights become the quantized ones."""
     layers = quant_modules(model)
+    if not layers:
+        raise ValueError("the model has no fake-quant layers: prepare it (attach QuantizationAwareTraining) first.")
     if fold:  # all weights first: a tied weight must be quantized from its latent values once
         folded = {id(m.weight): (m.weight, m.quantized_weight().detach().clone()) for m in layers.values()}
         for weight, value in folded.values():

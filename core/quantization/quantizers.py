@@ -133,7 +133,7 @@ class WeightQuantizer(nn.Module):
         else:
             s = self.step_scale(w)
         offset = 0.5 if self.method == "stat" else 0.0
-        q = torch.clamp(round_ste(g / s - offset), self.qmin, self.qmax)  # [rows, groups, size]
+        q = round_ste(torch.clamp(g / s - offset, self.qmin, self.qmax))  # [rows, groups, size]; LSQ clips, then rounds
         if self.track:
             q = self._track(q.reshape(w.shape)).reshape(q.shape)
         return ((q + offset) * s).reshape(w.shape)
@@ -228,7 +228,7 @@ class ActivationQuantizer(nn.Module):
             lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # zero stays exactly representable
             s = ((hi - lo) / (2**self.bits - 1)).clamp_min(_EPS)
             z = (-lo / s).round()
-            q = (torch.clamp(round_ste(rows / s + z), 0, 2**self.bits - 1) - z) * s
+            q = (round_ste(torch.clamp(rows / s + z, 0, 2**self.bits - 1)) - z) * s
             return q.reshape(x.shape)
         if self._signed is None:
             if not self.initialized:
@@ -245,8 +245,8 @@ class ActivationQuantizer(nn.Module):
         if self.method == "lsq+":
             qmin, qmax = 0, 2**self.bits - 1
             z = round_ste(grad_scale(self.zero_point, g))
-            return (torch.clamp(round_ste(x / s + z), qmin, qmax) - z) * s
-        return torch.clamp(round_ste(x / s), qmin, qmax) * s
+            return (round_ste(torch.clamp(x / s + z, qmin, qmax)) - z) * s
+        return round_ste(torch.clamp(x / s, qmin, qmax)) * s
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super()._load_from_state_dict(*args, **kwargs)
