@@ -41,7 +41,7 @@ class QuantizationAwareTraining(Callback):
     weight first: pruned weights quantize to exactly zero.
 
     Args:
-        weight_bits: 2..8, "ternary" (BitNet b1.58) or "binary"; None keeps weights float.
+        weight_bits: 2..8, "ternary" (BitNet b1.58) or "binary" (or 1); None keeps weights float.
         activation_bits: 2..8 for the inputs of quantized layers; None keeps them float.
         weight_method: integer grids: "lsq" (learned scale, default), "minmax" or "stat" (OFQ's
             statistic scale, with oscillation tracking); binary: "reste" (default) or "ste".
@@ -70,11 +70,13 @@ class QuantizationAwareTraining(Callback):
         start_step: int | float = 0,
         freeze_step: int | float | None = None,
     ) -> None:
+        weight_bits = "binary" if weight_bits == 1 else weight_bits  # 1 bit is binary
         for what, bits in (("weight_bits", weight_bits), ("activation_bits", activation_bits)):
             ok = bits is None or (isinstance(bits, int) and 2 <= bits <= 8) or (what == "weight_bits" and _kind(bits) != "int")
             if not ok:
                 extra = ', "ternary", "binary"' if what == "weight_bits" else ""
-                raise ValueError(f"{what}={bits!r} must be an int in 2..8{extra} or None (float).")
+                low = "1..8 (1 = binary)" if what == "weight_bits" else "2..8"
+                raise ValueError(f"{what}={bits!r} must be an int in {low}{extra} or None (float).")
         if weight_bits is None and activation_bits is None:
             raise ValueError("weight_bits and activation_bits are both None: nothing to quantize.")
         allowed = _WEIGHT_METHODS[_kind(weight_bits)]
@@ -113,6 +115,9 @@ class QuantizationAwareTraining(Callback):
             if bad:
                 raise ValueError(f"{bad}: fan-in not divisible by the group size {self.group_size}; exclude them "
                                  "or pick another granularity.")
+        if self.activation_bits is not None and all(type(m).__name__ == "Embedding" for m in modules.values()):
+            raise ValueError(f"activation_bits={self.activation_bits} but the targets {sorted(modules)} are all Embedding "
+                             "layers, whose inputs are indices: set activation_bits=None or target Linear/Conv layers.")
         skipped = prepare_(modules, self._weight_quantizer, self._input_quantizer)
         self._layers = quant_modules(pl_module)
         lines = [f"{len(self._layers)} layers quantized: {', '.join(self._layers)}"]
@@ -141,6 +146,9 @@ class QuantizationAwareTraining(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._total = max(int(trainer.estimated_stepping_batches), 1) if math.isfinite(trainer.estimated_stepping_batches) else 1
         self._start = resolve_step(self.start_step, trainer.estimated_stepping_batches, "start_step")
+        if self._start > trainer.estimated_stepping_batches:
+            raise ValueError(f"start_step={self.start_step} is step {self._start}, after the last optimizer step "
+                             f"({int(trainer.estimated_stepping_batches)}): quantization would never start.")
         if self.freeze_step is not None:
             self._freeze = resolve_step(self.freeze_step, trainer.estimated_stepping_batches, "freeze_step")
             if self._freeze <= self._start:
