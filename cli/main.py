@@ -4,6 +4,7 @@
     lichtenberg fit --config swa-digits            # a shipped recipe, by name
     lichtenberg fit --config my.yaml --trainer.max_epochs 3
     lichtenberg recipes                            # list the shipped recipes
+    lichtenberg export --config qat-digits --ckpt_path last.ckpt --out model.int.pt
 """
 
 from __future__ import annotations
@@ -83,6 +84,11 @@ def main(argv: list[str] | None = None) -> None:
         for name in recipes():
             first = (RECIPES / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
             print(f"{name:<20} {first}")
+        return
+    if args[:1] == ["export"]:
+        from .export import export_main
+
+        export_main(args[1:])
         return
     try:
         args = _resolve_args(args)
