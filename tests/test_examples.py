@@ -45,3 +45,15 @@ def test_dynamic_sparse_training_example_trains_90_percent_sparse(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     acc, sparsity, itop = map(float, re.search(r"val_acc (\d\.\d+) at sparsity (\d\.\d+); (\d\.\d+)", result.stdout).groups())
     assert abs(sparsity - 0.9) < 0.001 and acc > 0.8 and itop > 0.1
+
+
+def test_quantization_example_trains_w4a8_and_exports(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "quantization_aware_training.py")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    acc, fp32, int4 = map(float, re.search(r"val_acc (\d\.\d+) with W4A8; weights ([\d.]+) KiB fp32 -> ([\d.]+) KiB",
+                                           result.stdout).groups())
+    assert acc > 0.8 and fp32 / int4 > 6  # 4-bit packing; fp32 scales and biases weigh on a model this small
+    int8_acc = float(re.search(r"int8 CPU model batch accuracy (\d\.\d+)", result.stdout).group(1))
+    assert int8_acc > 0.7
+    assert (tmp_path / "digits_w4.int.pt").exists()
