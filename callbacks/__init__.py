@@ -1,8 +1,20 @@
 """Lightning callbacks: thin adapters from Trainer time to ``lichtenberg.core`` calls."""
 
+from ._per_sample import weighted_loss
 from .averaging import EMA, SWA
+from .data_pruning import DataPruning
 from .pruning import GradualPruning
 from .quantization import QuantizationAwareTraining
+from .reweighting import SampleReweighting
 from .sparse_training import DynamicSparseTraining
 
-__all__ = ["EMA", "DynamicSparseTraining", "GradualPruning", "QuantizationAwareTraining", "SWA"]
+__all__ = [
+    "EMA",
+    "DataPruning",
+    "DynamicSparseTraining",
+    "GradualPruning",
+    "QuantizationAwareTraining",
+    "SWA",
+    "SampleReweighting",
+    "weighted_loss",
+]

@@ -19,7 +19,16 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from lichtenberg.callbacks import EMA, SWA, DynamicSparseTraining, GradualPruning, QuantizationAwareTraining
+from lichtenberg.callbacks import (
+    EMA,
+    SWA,
+    DataPruning,
+    DynamicSparseTraining,
+    GradualPruning,
+    QuantizationAwareTraining,
+    SampleReweighting,
+    weighted_loss,
+)
 from lichtenberg.core.quantization import quant_modules
 from lichtenberg.core.schedules import SparsitySchedule
 from lichtenberg.core.sparsity import erk_densities
@@ -84,6 +93,20 @@ def check_qat(cb, trainer, model) -> None:
     assert trainer.global_step >= cb._start > 0
 
 
+def check_reweighting(cb, trainer, model) -> None:
+    batches = trainer.global_step * trainer.accumulate_grad_batches
+    assert cb.state_dict()["batches_weighted"] == batches - cb.warmup_steps * trainer.accumulate_grad_batches > 0
+    ess = trainer.callback_metrics["reweight/ess"]
+    assert 0 < float(ess) < 1.0, "linupper weights are not uniform"
+
+
+def check_data_pruning(cb, trainer, model) -> None:
+    full = 96 * trainer.max_epochs
+    state = cb.state_dict()
+    assert state["forwarded"] < 0.9 * full, "the pruned epochs must be shorter"
+    assert bool(state["seen"].all()) and trainer.global_step < STEPS_PER_EPOCH * trainer.max_epochs
+
+
 def active(cb) -> bool:
     """Whether a callback did anything during fit (for pairwise runs)."""
     if isinstance(cb, GradualPruning):
@@ -92,6 +115,10 @@ def active(cb) -> bool:
         return cb.state_dict()["updates"] > 0
     if isinstance(cb, QuantizationAwareTraining):
         return cb._enabled
+    if isinstance(cb, SampleReweighting):
+        return cb.state_dict()["batches_weighted"] > 0
+    if isinstance(cb, DataPruning):
+        return cb.state_dict()["forwarded"] < STEPS_PER_EPOCH * 8 * EPOCHS  # fewer samples than full epochs
     return cb.state_dict()["num_updates"] > 0
 
 
@@ -103,6 +130,7 @@ class Case:
     init_args: dict[str, Any]
     check: Callable[[Callback, L.Trainer, L.LightningModule], None]
     builders: dict[str, type] = dataclasses.field(default_factory=dict)  # dataclass-typed args
+    full_epochs: bool = True  # False: the callback shortens epochs (fewer optimizer steps)
 
     @property
     def name(self) -> str:
@@ -144,6 +172,11 @@ CASES.append(
         check_qat,
     )
 )
+
+CASES += [
+    Case(SampleReweighting, {"rule": "linupper", "temperature": 0.5, "warmup_steps": 6}, check_reweighting),
+    Case(DataPruning, {"ratio": 0.5, "anneal": 0.25, "mode": "infobatch", "seed": 1}, check_data_pruning, full_epochs=False),
+]
 
 # Pairs that cannot share a model: the second callback's setup raises ValueError matching the value.
 INCOMPATIBLE = {("GradualPruning", "DynamicSparseTraining"): "both target"}
@@ -197,7 +230,8 @@ class TinyModel(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
+        # The documented one-liner: weighted by SampleReweighting / DataPruning, the plain mean otherwise.
+        loss = weighted_loss(self, nn.functional.cross_entropy(self(x), y, reduction="none"))
         self.log("train_loss", loss)
         return loss
 

@@ -145,7 +145,10 @@ def test_precision_and_accumulation(case, setting):
     cb = case.make()
     trainer, model = fit([cb], **setting)
     expected_steps = EPOCHS * 12 // setting.get("accumulate_grad_batches", 1)
-    assert trainer.global_step == expected_steps
+    if case.full_epochs:
+        assert trainer.global_step == expected_steps
+    else:
+        assert 0 < trainer.global_step < expected_steps
     case.check(cb, trainer, model)
     assert all(torch.isfinite(t.float()).all() for t in model.state_dict().values())
 

@@ -1,0 +1,84 @@
+"""SampleReweighting: per-sample loss weights over the global batch (Sow et al., ICLR 2025)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor
+
+from ..core.reweighting import RULES, effective_sample_size, focal_weights, loss_weights, weight_entropy
+from ._per_sample import _PerSample
+from ._summary import format_table
+
+__all__ = ["SampleReweighting"]
+
+_ALL_RULES = (*RULES, "focal")
+
+
+class SampleReweighting(_PerSample):
+    """Weight each sample's loss by a function of where it sits in the global batch's losses.
+
+    The module returns per-sample losses from ``training_step`` (see
+    ``lichtenberg.callbacks.weighted_loss``); the weights have mean 1 over the global batch,
+    carry no gradient and are identical on every rank.
+
+    Args:
+        rule: "linupper" (default: up-weight all but the easiest, flat for the hardest half),
+            "quadratic" (favour medium losses), "extremes" (favour both tails), "uniform",
+            "softmax" (favour high losses: KL-regularised DRO), "softmin" (favour low losses),
+            or "focal" ((1 - p)^gamma with p = exp(-loss)).
+        temperature: r of softmax(f(x) / r) (the paper: 1.0); large means near uniform.
+        warmup_steps: optimizer steps of uniform weighting first (the paper: 1000).
+        gamma: focal exponent (rule "focal" only).
+
+    Example:
+        >>> trainer = Trainer(callbacks=[SampleReweighting(rule="linupper", warmup_steps=200)])
+    """
+
+    def __init__(self, rule: str = "linupper", temperature: float = 1.0, warmup_steps: int = 1000,
+                 gamma: float = 2.0) -> None:
+        if rule not in _ALL_RULES:
+            raise ValueError(f"rule={rule!r} must be one of {', '.join(_ALL_RULES)}.")
+        if not temperature > 0:
+            raise ValueError(f"temperature={temperature} must be > 0 (large values give near-uniform weights).")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps={warmup_steps} must be >= 0.")
+        if gamma < 0:
+            raise ValueError(f"gamma={gamma} must be >= 0.")
+        self.rule, self.temperature, self.warmup_steps, self.gamma = rule, temperature, warmup_steps, gamma
+        self._batches_weighted = 0
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(rule=self.rule)
+
+    def _weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule, losses: Tensor,
+                 index: Tensor | None) -> Tensor | None:
+        if trainer.global_step < self.warmup_steps or self.rule == "uniform":
+            return None
+        if self.rule == "focal":
+            w = focal_weights(losses, self.gamma)
+        else:
+            w = loss_weights(losses, self.rule, self.temperature)
+        self._batches_weighted += 1
+        pl_module.log("reweight/ess", effective_sample_size(w), on_step=True, on_epoch=False)
+        pl_module.log("reweight/entropy", weight_entropy(w), on_step=True, on_epoch=False)
+        pl_module.log("reweight/max_weight", w.max(), on_step=True, on_epoch=False)
+        return w
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        rows = [("rule", f"{self.rule} (temperature {self.temperature})"),
+                ("weighted batches", f"{self._batches_weighted} (uniform for the first {self.warmup_steps} optimizer steps)")]
+        ess = trainer.callback_metrics.get("reweight/ess")
+        if isinstance(ess, torch.Tensor):
+            rows.append(("last effective sample size", f"{float(ess):.3f} of the batch"))
+        rank_zero_info(format_table("SampleReweighting summary", rows))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches_weighted": self._batches_weighted}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._batches_weighted = int(state_dict["batches_weighted"])
