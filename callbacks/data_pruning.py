@@ -140,7 +140,8 @@ class DataPruning(_PerSample):
         # Set-up read the full-length loader (estimated_stepping_batches); from now on each
         # epoch's loader follows the plan. A mid-epoch resume skips the batches already done.
         self._started = True
-        self._skip_batches = trainer.fit_loop.epoch_loop.batch_progress.current.completed if trainer.fit_loop.restarted_mid_epoch else 0
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        self._skip_batches = progress.ready if trainer.fit_loop.restarted_mid_epoch else 0  # Lightning resumes at batch `ready`
         trainer.fit_loop._last_train_dl_reload_epoch = float("-inf")  # re-read the loader before the first epoch
 
     # -- the plan ----------------------------------------------------------------------------
