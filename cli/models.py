@@ -15,6 +15,8 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..callbacks import weighted_loss
+
 __all__ = ["DemoModule", "MLP", "SmallCNN", "TinyTransformerLM"]
 
 OptimizerName = Literal["sgd", "adam", "adamw"]
@@ -81,7 +83,10 @@ class DemoModule(LightningModule):
         return self._losses_and_logits(batch)[0]
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.per_sample_loss(batch).mean()
+        losses, logits = self._losses_and_logits(batch)
+        # The plain mean, unless SampleReweighting / DataPruning are attached (then their weights).
+        extra = {"logits": logits, "target": batch[1]} if self.accuracy is not None else {}
+        loss = weighted_loss(self, losses, **extra)
         self.log("train_loss", loss, prog_bar=True)
         return loss
 

@@ -57,3 +57,13 @@ def test_quantization_example_trains_w4a8_and_exports(tmp_path):
     int8_acc = float(re.search(r"int8 CPU model batch accuracy (\d\.\d+)", result.stdout).group(1))
     assert int8_acc > 0.7
     assert (tmp_path / "digits_w4.int.pt").exists()
+
+
+def test_reweighting_and_data_pruning_example_forwards_fewer_samples(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "reweighting_and_data_pruning.py")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    m = re.search(r"plain: val_acc (\d\.\d+), (\d+) samples forwarded; reweight\+prune: val_acc (\d\.\d+), (\d+) samples",
+                  result.stdout)
+    a0, n0, a1, n1 = float(m[1]), int(m[2]), float(m[3]), int(m[4])
+    assert n1 < 0.85 * n0 and a0 > 0.8 and a1 > 0.8

@@ -258,3 +258,35 @@ def test_weights_are_identical_with_one_and_two_processes_on_the_same_global_bat
     for i, w in zip(r0["index"].tolist(), r0["w"].tolist()):
         assert abs(by_id[i] - w) < 1e-5, i
     assert abs(float(r0["w"].mean()) - 1) < 1e-6 and float(r0["w"].std()) > 0.01
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: SampleReweighting(rule="harder"), "rule='harder' must be one of"),
+        (lambda: SampleReweighting(temperature=0.0), "temperature=0.0 must be > 0"),
+        (lambda: SampleReweighting(temperature=-1.0), "temperature=-1.0"),
+        (lambda: SampleReweighting(warmup_steps=-1), "warmup_steps=-1"),
+        (lambda: DataPruning(ratio=1.0), r"ratio=1.0 must lie in \[0, 1\)"),
+        (lambda: DataPruning(ratio=-0.1), "ratio=-0.1"),
+        (lambda: DataPruning(anneal=1.5), "anneal=1.5"),
+        (lambda: DataPruning(mode="dynamic"), "mode='dynamic'"),
+        (lambda: DataPruning(score="grand"), "score='grand'"),
+        (lambda: DataPruning(score_epochs=0), "score_epochs=0"),
+    ],
+)
+def test_bad_input_raises_at_construction(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_bad_output_shapes_raise_with_what_to_return():
+    class Matrix(TinyModel):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self(x), y, reduction="none")[:, None].expand(-1, 2)  # no mask
+
+    with pytest.raises(ValueError, match=r"shape \[batch\] \(or \[batch, tokens\] with a mask\)"):
+        fit([SampleReweighting(warmup_steps=0)], Matrix, max_epochs=1)
+    with pytest.raises(ValueError, match="set Trainer\\(max_epochs=...\\)"):
+        L.Trainer(callbacks=[DataPruning()], max_epochs=-1, max_steps=5, **BASE).fit(PerSampleModel(), datamodule=TinyData())
