@@ -25,11 +25,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ..core.averaging import AveragedWeights, load_tensors_
+from ._strategy import refuse_sharded
 from ._summary import format_table
 
 __all__: list[str] = []
 
-_SHARDED = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy")
 
 
 class _Averaging(Callback):
@@ -65,12 +65,7 @@ class _Averaging(Callback):
 
     # -- set-up ----------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        strategy = type(trainer.strategy).__name__
-        if strategy in _SHARDED:
-            raise ValueError(
-                f"{type(self).__name__} does not support the sharded strategy {strategy} yet; "
-                "use strategy='ddp' (or a single device)."
-            )
+        refuse_sharded(self, trainer)
         peers = [cb for cb in trainer.callbacks if isinstance(cb, _Averaging)]
         self._evaluates = self.evaluate_averaged and self is [c for c in peers if c.evaluate_averaged][-1]
         self._applies = self.apply_at_end and self is [c for c in peers if c.apply_at_end][-1]

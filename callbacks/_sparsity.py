@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ..core.sparsity import MaskEngine
 from ..core.targets import Selection, Targets, select_targets
+from ._strategy import refuse_sharded
 
 __all__: list[str] = []
 
@@ -54,6 +55,7 @@ class _Sparsity(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.engine is not None:
             return
+        refuse_sharded(self, trainer)
         selection = select_targets(pl_module, self.targets)
         self._check(selection)
         name = type(self).__name__

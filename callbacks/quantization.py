@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from ..core.quantization import ACTIVATION_METHODS, ActivationQuantizer, WeightQuantizer, prepare_, quant_modules
 from ..core.schedules import resolve_step
 from ..core.targets import Targets, select_targets
+from ._strategy import refuse_sharded
 from ._summary import format_table
 
 __all__ = ["QuantizationAwareTraining"]
@@ -108,6 +109,7 @@ class QuantizationAwareTraining(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._layers:
             return
+        refuse_sharded(self, trainer)
         selection = select_targets(pl_module, self.targets, allow_tied=True)
         modules = {name.rpartition(".")[0]: m for name, m in selection.modules.items()}
         if self.granularity.startswith("group:"):

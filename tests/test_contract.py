@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import sys
+import types
 from pathlib import Path
 
 import lightning as L
@@ -189,3 +190,14 @@ def test_cli_yaml_instantiate_and_print_config_round_trip(case, tmp_path, capsys
 def test_every_public_callback_is_registered():
     public = {n for n in lichtenberg.callbacks.__all__ if isinstance(getattr(lichtenberg.callbacks, n), type)}
     assert {c.name for c in CASES} == public
+
+
+class FSDPStrategy:  # stands in for Lightning's: only its name is checked
+    pass
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name not in ("SampleReweighting", "DataPruning")], ids=str)
+def test_weight_touching_callbacks_refuse_sharded_strategies_with_the_fix(case):
+    trainer = types.SimpleNamespace(strategy=FSDPStrategy(), callbacks=[], world_size=1)
+    with pytest.raises(ValueError, match="does not support the sharded strategy FSDPStrategy yet; use strategy='ddp'"):
+        case.make().setup(trainer, TinyModel(), "fit")
