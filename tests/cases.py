@@ -33,7 +33,7 @@ from lichtenberg.core.quantization import quant_modules
 from lichtenberg.core.schedules import SparsitySchedule
 from lichtenberg.core.sparsity import erk_densities
 
-__all__ = ["CASES", "INCOMPATIBLE", "Case", "active", "EpochShuffle", "TinyData", "TinyModel", "StateDump", "Crash", "flat_state"]
+__all__ = ["CASES", "INCOMPATIBLE", "TRAINER", "Case", "fit_tiny", "active", "EpochShuffle", "TinyData", "TinyModel", "StateDump", "Crash", "flat_state"]
 
 STEPS_PER_EPOCH = 12  # 96 samples / batch 8
 EPOCHS = 4
@@ -246,6 +246,19 @@ class TinyModel(L.LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)}
+
+
+TRAINER = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+               enable_checkpointing=False, deterministic=True)
+
+
+def fit_tiny(callbacks, model=None, max_epochs=3, **kwargs):
+    """Seeded fit of ``model`` (default: a fresh TinyModel) on TinyData; returns (trainer, model)."""
+    L.seed_everything(0)
+    model = model or TinyModel()
+    trainer = L.Trainer(callbacks=list(callbacks), max_epochs=max_epochs, **{**TRAINER, **kwargs})
+    trainer.fit(model, datamodule=TinyData())
+    return trainer, model
 
 
 class Crash(Callback):

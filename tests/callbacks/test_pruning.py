@@ -10,19 +10,11 @@ from lightning.pytorch.callbacks import Callback
 from lichtenberg.callbacks import GradualPruning
 from lichtenberg.core.schedules import SparsitySchedule
 from lichtenberg.core.targets import Targets
-from tests.cases import TinyData, TinyModel
+from tests.cases import TRAINER as BASE
+from tests.cases import TinyData, TinyModel, fit_tiny as fit
 
-BASE = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-            enable_checkpointing=False, deterministic=True)
 SCHEDULE = SparsitySchedule(kind="cubic", start=4, end=28, every_n_steps=4)
 
-
-def fit(callbacks, model=None, max_epochs=3, **kwargs):
-    L.seed_everything(0)
-    model = model or TinyModel()
-    trainer = L.Trainer(callbacks=list(callbacks), max_epochs=max_epochs, **{**BASE, **kwargs})
-    trainer.fit(model, datamodule=TinyData())
-    return trainer, model
 
 
 class Recorder(Callback):

@@ -12,18 +12,10 @@ from lichtenberg.callbacks import GradualPruning, QuantizationAwareTraining
 from lichtenberg.core.quantization import export_int, quant_modules
 from lichtenberg.core.schedules import SparsitySchedule
 from lichtenberg.core.targets import Targets
-from tests.cases import TinyData, TinyModel
-
-BASE = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-            enable_checkpointing=False, deterministic=True)
+from tests.cases import TRAINER as BASE
+from tests.cases import TinyData, TinyModel, fit_tiny as fit
 
 
-def fit(callbacks, model=None, max_epochs=3, **kwargs):
-    L.seed_everything(0)
-    model = model or TinyModel()
-    trainer = L.Trainer(callbacks=list(callbacks), max_epochs=max_epochs, **{**BASE, **kwargs})
-    trainer.fit(model, datamodule=TinyData())
-    return trainer, model
 
 
 class ConvModel(TinyModel):

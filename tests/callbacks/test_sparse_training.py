@@ -9,10 +9,9 @@ from lightning.pytorch.callbacks import Callback
 
 from lichtenberg.callbacks import DynamicSparseTraining
 from lichtenberg.core.schedules import SparsitySchedule
-from tests.cases import StateDump, TinyData, TinyModel
+from tests.cases import TRAINER as BASE
+from tests.cases import StateDump, TinyData, TinyModel, fit_tiny
 
-BASE = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-            enable_checkpointing=False, deterministic=True)
 SCHEDULE = SparsitySchedule(kind="cubic", start=0, end=0.75, every_n_steps=4)  # 48 steps: updates at 4..32
 GRANET = SparsitySchedule(kind="cubic", start=0, end=0.75, every_n_steps=4, initial=0.5)
 
@@ -31,11 +30,7 @@ def make_model(optimizer):
 
 
 def fit(callbacks, model=None, **kwargs):
-    L.seed_everything(0)
-    model = model or TinyModel()
-    trainer = L.Trainer(callbacks=list(callbacks), max_epochs=4, **{**BASE, **kwargs})
-    trainer.fit(model, datamodule=TinyData())
-    return trainer, model
+    return fit_tiny(callbacks, model, max_epochs=4, **kwargs)
 
 
 class Probe(Callback):
