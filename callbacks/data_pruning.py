@@ -173,8 +173,8 @@ class DataPruning(_PerSample):
             per_rank -= 1 if per_rank > 1 and per_rank % self._batch_size == 1 else 0
             ids = ids[: per_rank * self._trainer.world_size]
             self._plan = (epoch, ids, weights.to(self.scores.device))
-            kept = ids.numel() / n
-            rank_zero_info(f"DataPruning: epoch {epoch} trains on {ids.numel()} of {n} samples ({kept:.1%}).")
+            if epoch < self._trainer.max_epochs:  # Lightning may read the loader once more after the last epoch
+                rank_zero_info(f"DataPruning: epoch {epoch} trains on {ids.numel()} of {n} samples ({ids.numel() / n:.1%}).")
         return self._plan[1]
 
     # -- per step ----------------------------------------------------------------------------
