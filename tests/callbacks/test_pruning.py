@@ -50,7 +50,8 @@ def test_sparsity_follows_the_schedule_at_every_event_and_nowhere_else():
 
 @pytest.mark.parametrize(
     "optimizer, clip",
-    [("sgd_momentum", None), ("adam", None), ("adamw_wd", None), ("sgd_momentum", 0.01), ("adamax", None)],
+    [("sgd_momentum", None), ("adam", None), ("adam_fused", None), ("adamw_wd", None), ("sgd_momentum", 0.01),
+     ("adamax", None)],
 )
 def test_pruned_weights_stay_exactly_zero(optimizer, clip):
     class Model(TinyModel):
@@ -58,6 +59,8 @@ def test_pruned_weights_stay_exactly_zero(optimizer, clip):
             params = self.parameters()
             if optimizer == "adam":
                 return torch.optim.Adam(params, lr=0.05)
+            if optimizer == "adam_fused":  # the fast CPU path the warning recommends
+                return torch.optim.Adam(params, lr=0.05, fused=True)
             if optimizer == "adamw_wd":
                 return torch.optim.AdamW(params, lr=0.05, weight_decay=0.5)
             if optimizer == "adamax":  # not known to preserve zeros: re-masked after its step

@@ -180,3 +180,8 @@ def test_bad_schedule_raises_before_training():
         DynamicSparseTraining(schedule=SparsitySchedule(start=0.8, end=0.5))
     with pytest.raises(ValueError, match="training stops at step 48"):
         fit([DynamicSparseTraining(schedule=SparsitySchedule(start=0, end=100))])
+
+
+def test_cpu_adam_without_fused_gets_a_hint():
+    with pytest.warns(UserWarning, match="pass fused=True to Adam"):
+        fit([DynamicSparseTraining(0.75, "static", SCHEDULE)], model=make_model("adam"))
