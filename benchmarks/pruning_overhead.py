@@ -173,7 +173,8 @@ def variants(epoch: int, steps: int, gradual: bool) -> dict[str, Callable[[], Ca
 
     return {
         "plain": lambda: None,
-        OURS: lambda: GradualPruning(SPARSITY, sched if gradual else SparsitySchedule(kind="one_shot", start=0, end=0)),
+        OURS: lambda: GradualPruning(SPARSITY, sched if gradual else SparsitySchedule(kind="one_shot", start=0, end=0),
+                                     allocation="uniform"),
         THEIRS: lambda: ModelPruning("l1_unstructured", amount=amount, parameter_names=["weight"], verbose=0,
                                      use_lottery_ticket_hypothesis=False, use_global_unstructured=False),
     }

@@ -121,8 +121,8 @@ def variants(quick: bool, task: str = "") -> dict[str, tuple[float, Callable]]:
     added = task in ADDED_TASKS
     out: dict[str, tuple[float, Callable]] = {"dense": (0.0, lambda m, e: [])}
     for s in (TARGET,) if added else SPARSITIES[-1:] if quick else SPARSITIES:
-        out[f"gradual {s:.0%}"] = (s, lambda m, e, s=s: [GradualPruning(s, gradual)])
-        out[f"one-shot {s:.0%}"] = (s, lambda m, e, s=s: [GradualPruning(s, one_shot)])
+        out[f"gradual {s:.0%}"] = (s, lambda m, e, s=s: [GradualPruning(s, gradual, allocation="uniform")])
+        out[f"one-shot {s:.0%}"] = (s, lambda m, e, s=s: [GradualPruning(s, one_shot, allocation="uniform")])
         out[f"Lightning ModelPruning {s:.0%}"] = (s, lambda m, e, s=s: [_model_pruning(m, s, e)])
     if not added:
         s = SPARSITIES[-1]

@@ -50,9 +50,10 @@ class GradualPruning(_Sparsity):
         schedule: when pruning happens (kind, start, end, every_n_steps, initial).
         score: "magnitude" |w|, "wanda" |w| * ||x|| (input norms collected on event steps
             only), or "gradient" |w * g|.
-        allocation: how the budget is split across layers: "uniform", "global",
-            "global_floor" (every layer keeps >= 1%), "lamp" or "erk"; or an explicit
-            {module-name glob: final sparsity} dict (unmatched layers get ``sparsity``).
+        allocation: how the budget is split across layers: "lamp" (default: global over
+            scale-invariant LAMP scores, no layer collapses), "uniform" (Zhu & Gupta: every layer
+            at the target), "global", "global_floor" (every layer keeps >= 1%) or "erk"; or an
+            explicit {module-name glob: final sparsity} dict (unmatched layers get ``sparsity``).
         pattern: "unstructured", or "N:M" (e.g. "2:4": N kept of every M consecutive inputs).
         targets: which weights (default: weight of every Linear, Conv1d and Conv2d).
         rewind: lottery-ticket rewinding of surviving weights to their initial values at
@@ -71,7 +72,7 @@ class GradualPruning(_Sparsity):
         sparsity: float = 0.5,
         schedule: SparsitySchedule | None = None,
         score: Literal["magnitude", "wanda", "gradient"] = "magnitude",
-        allocation: Allocation | dict[str, float] = "uniform",
+        allocation: Allocation | dict[str, float] = "lamp",
         pattern: str = "unstructured",
         targets: Targets | None = None,
         rewind: bool = False,

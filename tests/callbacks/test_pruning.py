@@ -108,10 +108,11 @@ def test_targets_are_reported_and_checkpoints_load_with_and_without_lichtenberg(
 
 
 def test_make_permanent_leaves_a_plain_module():
-    gp = GradualPruning(sparsity=0.5, schedule=SCHEDULE, make_permanent=True)
+    gp = GradualPruning(sparsity=0.5, schedule=SCHEDULE, make_permanent=True)  # default allocation: LAMP (global)
     _, model = fit([gp])
     assert not any(k.endswith("_mask") for k in model.state_dict())
-    assert int(model.net[0].weight.count_nonzero()) == 64
+    nonzero = int(model.net[0].weight.count_nonzero()) + int(model.net[3].weight.count_nonzero())
+    assert nonzero == round(0.5 * (128 + 64))
 
 
 def test_rewind_is_off_by_default_and_rewinds_survivors_when_on():
@@ -192,9 +193,9 @@ def _odd_model():
 
 @pytest.mark.parametrize("score", ["wanda", "gradient"])
 def test_activation_and_gradient_scores_through_the_trainer(score):
-    magnitude = GradualPruning(sparsity=0.6, schedule=SCHEDULE)
+    magnitude = GradualPruning(sparsity=0.6, schedule=SCHEDULE, allocation="uniform")
     fit([magnitude])
-    gp = GradualPruning(sparsity=0.6, schedule=SCHEDULE, score=score)
+    gp = GradualPruning(sparsity=0.6, schedule=SCHEDULE, score=score, allocation="uniform")
     _, model = fit([gp])
     assert all(not m._forward_pre_hooks for m in model.modules()), "input-norm hooks live only around events"
     for name, mask in gp.engine.masks.items():
