@@ -19,3 +19,9 @@ def test_benchmark_quick_run(name):
     assert f"[{name}] quick run, docs untouched" in result.stdout
     assert "|---" in result.stdout  # it rendered its tables
     assert (ROOT / "docs" / "results.md").read_text() == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["reweighting_quality", "data_pruning", "reweighting_overhead"])
+def test_reweighting_benchmark_quick_run(name):
+    test_benchmark_quick_run(name)
