@@ -83,7 +83,7 @@ def srigl_update(
 
     Saliency (per layer, as in RigL): the active weights that survive a magnitude drop of
     ``drop_fraction`` plus the inactive ones with the largest |grad|. An output neuron with
-    fewer than ``gamma * fan_in`` salient weights is ablated; the layer's weight budget is
+    fewer than ``gamma * k`` salient weights (k: the current constant fan-in) is ablated; the layer's weight budget is
     re-spread over the remaining neurons (fan-in k' = budget // alive, at most the full fan-in).
     Then, per alive neuron, the smallest |w| are dropped and the largest |grad| grown.
 
