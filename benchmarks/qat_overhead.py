@@ -470,6 +470,10 @@ def render(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+COLORS = {"W8A8": "tab:blue", "W8A8 minmax": "tab:cyan", "W4A8": "tab:green", "W4A8 + tracking": "tab:olive",
+          "torchao W8A8": "tab:orange", "torchao W4A8": "tab:brown"}
+
+
 def plot(res: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -486,7 +490,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
         x = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(names))]
         y = [r["ratio"] for r in rows]
         err = [[r["ratio"] - r["ratio_min"] for r in rows], [r["ratio_max"] - r["ratio"] for r in rows]]
-        ax1.bar(x, y, width, yerr=err, capsize=2, label=v, color=("tab:orange" if v.startswith("torchao") else None))
+        ax1.bar(x, y, width, yerr=err, capsize=2, label=v, color=COLORS.get(v))
     ax1.axhline(1.0, color="k", lw=0.8)
     ax1.axhline(STEP_TARGET, color="gray", ls="--", lw=0.8, label=f"{STEP_TARGET}× target (W8A8)")
     ax1.set_xticks(range(len(names)), names)
@@ -499,7 +503,8 @@ def plot(res: dict[str, Any], path: Path) -> None:
     for i, m in enumerate(models):
         speed = [1 / next(r for r in d["timing"][b]["rows"] if r["variant"] == m)["ratio"] for b in batches]
         ax2.bar([j + (i - (len(models) - 1) / 2) * width for j in range(len(batches))], speed, width,
-                label=m.replace("Int8DynamicActivationInt8Weight", "int8 dyn."))
+                label=m.replace("Int8DynamicActivationInt8Weight", "int8 dyn."),
+                color="tab:orange" if m.startswith("torchao") else "tab:blue")
     ax2.axhline(1.0, color="k", lw=0.8)
     ax2.axhline(SPEED_TARGET, color="gray", ls="--", lw=0.8, label=f"{SPEED_TARGET}× target")
     ax2.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
