@@ -1,7 +1,8 @@
 """Quantization-aware training: fake-quant math, quantizers, layer swap, integer export."""
 
 from .export import dequantize, export_int, packed_bytes, to_int8_cpu_
-from .functional import binarize, fake_quantize, grad_scale, grouped, qrange, reste_power, round_ste, ternarize
+from .functional import (binarize, fake_quantize, grad_scale, grouped, lsq_quantize, qrange, reste_power, round_ste,
+                         straight_through, ternarize)
 from .modules import QUANT_CLASSES, QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear, prepare_, quant_modules, unprepare_
 from .quantizers import ACTIVATION_METHODS, WEIGHT_METHODS, ActivationQuantizer, WeightQuantizer
 
@@ -21,12 +22,14 @@ __all__ = [
     "fake_quantize",
     "grad_scale",
     "grouped",
+    "lsq_quantize",
     "packed_bytes",
     "prepare_",
     "qrange",
     "quant_modules",
     "reste_power",
     "round_ste",
+    "straight_through",
     "ternarize",
     "to_int8_cpu_",
     "unprepare_",

@@ -7,6 +7,12 @@ straight-through estimator (STE):
   gradient to ``x`` is 1 inside the clip range and 0 outside. Because the scale enters
   the graph, the gradient to a learned scale is LSQ's, ``round(v) - v`` inside and the
   clip bound outside (Esser et al., 2020), with no hand-written backward.
+- ``lsq_quantize`` is the same forward and the same gradients as ``fake_quantize`` with a
+  learned scale (no offset), written as one autograd node: on CPU it runs ~2x faster than
+  the composed version, whose clamp and division backward dominate a QAT step.
+- ``straight_through`` returns a value computed without autograd and passes the gradient to
+  the input unchanged: for grids that cover their input by construction (min/max scales),
+  where the STE's clip mask would be all ones.
 - ``ternarize`` (BitNet b1.58) and ``binarize`` (sign, with ReSTE's backward) are the
   1.58- and 1-bit cases.
 
@@ -27,9 +33,11 @@ __all__ = [
     "fake_quantize",
     "grad_scale",
     "grouped",
+    "lsq_quantize",
     "qrange",
     "reste_power",
     "round_ste",
+    "straight_through",
     "ternarize",
 ]
 
@@ -61,6 +69,62 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax:
     z = round_ste(zero_point)
     v = torch.clamp(x / scale + z, qmin, qmax)
     return (round_ste(v) - z) * scale
+
+
+class _LSQ(torch.autograd.Function):
+    """clamp(round(x / s), qmin, qmax) * s with LSQ's gradients (Esser et al., 2020).
+
+    d/dx is 1 where qmin <= x / s <= qmax, else 0. d/ds is round(x / s) - x / s inside and the
+    clip bound outside, times ``grad_factor``, summed over the dimensions ``s`` broadcasts on.
+    On CPU, where reading a flag costs no device sync, the clip mask is skipped when nothing
+    clips (the common case at 8 bits): bool masks are the slowest passes there.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, s: Tensor, qmin: int, qmax: int, grad_factor: float) -> Tensor:  # type: ignore[override]
+        v = x / s
+        outside = None
+        lo, hi = torch.aminmax(v) if x.device.type == "cpu" else (None, None)
+        if lo is None or lo < qmin or hi > qmax:
+            q = v.clamp(qmin, qmax)
+            outside = q != v
+            q.round_()  # clip then round: equal to round then clip on an integer grid
+        else:
+            q = v.round()
+        ctx.save_for_backward(v, q, outside)
+        ctx.grad_factor, ctx.s_shape = grad_factor, s.shape
+        return q * s
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None, None]:  # type: ignore[override]
+        v, q, outside = ctx.saved_tensors
+        grad_x = grad if outside is None else grad.masked_fill(outside, 0.0)
+        d_s = torch.mul(grad, q).addcmul_(grad_x, v, value=-1)  # inside (round(v) - v), outside the bound
+        return grad_x, d_s.sum_to_size(ctx.s_shape).mul_(ctx.grad_factor), None, None, None
+
+
+def lsq_quantize(x: Tensor, scale: Tensor, qmin: int, qmax: int, grad_factor: float = 1.0) -> Tensor:
+    """``clamp(round(x / scale), qmin, qmax) * scale``; gradients as ``fake_quantize`` with a zero
+    offset, the scale's multiplied by ``grad_factor`` (LSQ's 1 / sqrt(N Q_P)).
+
+    ``scale`` must be positive and broadcast against ``x``.
+    """
+    return _LSQ.apply(x, scale, qmin, qmax, grad_factor)
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, value: Tensor) -> Tensor:  # type: ignore[override]
+        return value
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad, None
+
+
+def straight_through(x: Tensor, value: Tensor) -> Tensor:
+    """``value`` forward (computed from ``x`` without autograd); gradient to ``x`` unchanged."""
+    return _StraightThrough.apply(x, value.detach())
 
 
 def grouped(x: Tensor, granularity: str, group_size: int) -> Tensor:

@@ -13,7 +13,9 @@ from lichtenberg.core.quantization import (
     dequantize,
     export_int,
     fake_quantize,
+    grad_scale,
     grouped,
+    lsq_quantize,
     prepare_,
     quant_modules,
     reste_power,
@@ -80,6 +82,44 @@ def test_lsq_step_gradient_matches_the_analytic_formula_and_finite_differences()
     levels = v.round().clamp(qmin, qmax).sum().item()
     assert abs(fd - levels) < 1e-2 * max(1.0, abs(levels))
     assert torch.allclose(torch.tensor(fd) - v[inside].sum(), analytic, rtol=1e-3, atol=1e-2)
+
+
+@pytest.mark.parametrize("spread", [3.0, 0.5], ids=["some-clip", "none-clip"])
+@pytest.mark.parametrize("scale_shape", [(), (1, 1, 1), (6, 1, 1), (6, 4, 1)])
+def test_fused_lsq_matches_the_composed_estimator_values_and_gradients(scale_shape, spread):
+    """The one-node LSQ (the fast path) against fake_quantize + grad_scale, which autograd
+    differentiates: same outputs, same d/dx (clip mask), same d/ds (LSQ's, scaled)."""
+    torch.manual_seed(1)
+    x = (torch.randn(6, 4, 8) * spread).requires_grad_()  # 3.0: some values beyond the 3-bit range
+    s = (torch.rand(scale_shape) * 0.5 + 0.5).requires_grad_()
+    upstream = torch.randn(6, 4, 8)
+    factor = 0.37
+    lsq_quantize(x, s, -4, 3, factor).backward(upstream)
+    fused = (x.grad.clone(), s.grad.clone())
+    x.grad = s.grad = None
+    composed = fake_quantize(x, grad_scale(s, factor), torch.zeros(()), -4, 3)
+    composed.backward(upstream)
+    assert torch.equal(lsq_quantize(x, s, -4, 3).detach(), composed.detach())
+    assert torch.allclose(fused[0], x.grad)  # composed: grad * s / s
+    v = (x / s).detach()
+    outside = (v < -4) | (v > 3)
+    assert outside.any() == (spread > 1) and not outside.all()
+    assert torch.equal(fused[0] == 0, outside)
+    assert torch.equal(fused[0][~outside], upstream[~outside])
+    assert fused[1].shape == s.shape
+    assert torch.allclose(fused[1], s.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_dynamic_activations_and_minmax_weights_pass_the_gradient_unchanged():
+    """Their grids cover the input by construction, so the STE's clip mask is all ones."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 64, requires_grad=True)
+    upstream = torch.randn(5, 64)
+    _enabled(ActivationQuantizer(4, "dynamic"))(x).backward(upstream)
+    assert torch.equal(x.grad, upstream)
+    w = torch.randn(8, 16, requires_grad=True)
+    _enabled(WeightQuantizer(w.shape, 4, "minmax"))(w).backward(upstream[:, :16].repeat(2, 1)[:8])
+    assert torch.equal(w.grad, upstream[:, :16].repeat(2, 1)[:8])
 
 
 def test_ternary_weights_are_minus_s_zero_or_s_and_binary_weights_plus_minus_s():
