@@ -8,7 +8,8 @@
     last step); torchao's QAT (``quantize_(model, QATConfig(activation_config=int8 per-token
     asymmetric, weight_config=int8 / int4 per-channel symmetric))``, dynamic scales) where it can
     be imported. Models: the digits ``SmallCNN(channels=32)`` at batch 64 (cross-entropy) and an
-    MLP of 4 x Linear(512) at batch 128 (MSE to random targets), both Adam. torchao swaps
+    MLP of 4 x Linear(512) at batch 128 and at batch 1024 (MSE to random targets), all Adam. The
+    weight quantizers cost the same at both batches, the matmuls 8x more at 1024. torchao swaps
     Linear layers only: on the CNN it fake-quantizes the classifier alone, ours the convs too.
     Also forward + backward of the MLP alone, per quantizer (where the time goes).
 (b) **Deployment**: an MLP of 4 x Linear(1024), trained briefly with W8A8 QAT, converted with
@@ -118,7 +119,9 @@ def model_specs(quick: bool) -> dict[str, dict[str, Any]]:
     width = 128 if quick else 512
     return {
         "digits SmallCNN": dict(build=lambda: SmallCNN(channels=32, lr=1e-3, optimizer="adam"), batch=64, data="digits"),
-        f"MLP 4x{width}": dict(build=lambda: Regression(mlp(width, 4), "adam"), batch=128, data=width),
+        f"MLP 4x{width}, batch 128": dict(build=lambda: Regression(mlp(width, 4), "adam"), batch=128, data=width),
+        # the same weights, 8x the matmul work per step: the weight quantizers' share shrinks
+        f"MLP 4x{width}, batch 1024": dict(build=lambda: Regression(mlp(width, 4), "adam"), batch=1024, data=width),
     }
 
 

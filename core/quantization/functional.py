@@ -89,18 +89,19 @@ class _LSQ(torch.autograd.Function):
             q = v.clamp(qmin, qmax)
             outside = q != v
             q.round_()  # clip then round: equal to round then clip on an integer grid
+            v.masked_fill_(outside, 0.0)
         else:
             q = v.round()
-        ctx.save_for_backward(v, q, outside)
+        d_s = torch.sub(q, v, out=v)  # d q s / d s: inside round(v) - v, outside the bound
+        ctx.save_for_backward(d_s, outside)
         ctx.grad_factor, ctx.s_shape = grad_factor, s.shape
-        return q * s
+        return q.mul_(s)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None, None]:  # type: ignore[override]
-        v, q, outside = ctx.saved_tensors
+        d_s, outside = ctx.saved_tensors
         grad_x = grad if outside is None else grad.masked_fill(outside, 0.0)
-        d_s = torch.mul(grad, q).addcmul_(grad_x, v, value=-1)  # inside (round(v) - v), outside the bound
-        return grad_x, d_s.sum_to_size(ctx.s_shape).mul_(ctx.grad_factor), None, None, None
+        return grad_x, (grad * d_s).sum_to_size(ctx.s_shape).mul_(ctx.grad_factor), None, None, None
 
 
 def lsq_quantize(x: Tensor, scale: Tensor, qmin: int, qmax: int, grad_factor: float = 1.0) -> Tensor:
