@@ -101,6 +101,10 @@ VARIANTS: dict[str, Callable[[int], list[Callback]]] = {
         DataPruning(ratio=RATIO, mode="static", score="el2n", score_epochs=STATIC_EPOCHS, seed=seed)],
 }
 FULL, INFOBATCH, STATIC = VARIANTS
+# the control InfoBatch must beat: plain training cut to InfoBatch's sample budget (whole epochs, same cosine
+# schedule over them), run after each seed's round because the budget is that seed's InfoBatch share
+BUDGET = "full data, InfoBatch's budget (fewer epochs)"
+VARIANTS[BUDGET] = lambda seed: []
 
 
 class Counter(Callback):
@@ -159,7 +163,7 @@ def run_speed_quality(seeds: int, quick: bool) -> dict[str, Any]:
         rounds: list[dict] = []
         t0 = time.perf_counter()
         for seed in range(seeds):
-            names = list(VARIANTS)
+            names = [v for v in VARIANTS if v != BUDGET]
             order = names[seed % len(names):] + names[:seed % len(names)]  # rotate the start over seeds
 
             def call(name: str, seed: int = seed) -> Callable[[], tuple[float, dict]]:
@@ -177,6 +181,13 @@ def run_speed_quality(seeds: int, quick: bool) -> dict[str, Any]:
                 status = r.get("error") or (f"test acc {r['acc']:.4f}, {r['forwarded']} samples forwarded, "
                                             f"{r['steps']} steps, {r['fit_s']:.1f} s")
                 print(f"[data_pruning] {task} | seed {seed} | {name}: {status}", flush=True)
+            ib, full = runs[INFOBATCH][-1], runs[FULL][-1]
+            if "forwarded" in ib and "forwarded" in full:
+                budget = max(1, round(epochs * ib["forwarded"] / full["forwarded"]))
+                r = fit_and_test(task, BUDGET, seed, budget, quick)
+                runs[BUDGET].append({"seed": seed, "epochs": budget, **r})
+                print(f"[data_pruning] {task} | seed {seed} | {BUDGET}: {budget} epochs, "
+                      f"{r.get('error') or 'test acc %.4f' % r['acc']}", flush=True)
         out[task] = {"epochs": epochs, "runs": runs, "rounds": rounds, "seconds": time.perf_counter() - t0}
     return out
 
@@ -363,9 +374,11 @@ def render(results: dict[str, Any]) -> str:
         "(1,257 train / 270 test); MNIST-1D: `MLP(in_features=40, hidden=[256, 256])` on "
         f"`MNIST1DDataModule(num_samples={s['mnist1d_samples']})` (2,560 train / 800 test). {s['optimizer']} (a "
         f"per-step schedule sized from the full-data step count would end early in pruned runs), lr {s['lr']}, batch "
-        f"{s['batch']}, {s['epochs']} epochs for every variant. *InfoBatch*: `DataPruning(ratio={s['ratio']}, "
+        f"{s['batch']}, {s['epochs']} epochs for every variant but the control. *InfoBatch*: `DataPruning(ratio={s['ratio']}, "
         f"anneal={s['anneal']})`; *Data Diet*: `DataPruning(ratio={s['ratio']}, mode=\"static\", score=\"el2n\", "
-        f"score_epochs={s['static_epochs']})`. *forwarded*: samples the training loop really ran (counted per batch), "
+        f"score_epochs={s['static_epochs']})`. *{BUDGET}*: the control InfoBatch has to beat, plain training for "
+        "round(epochs × InfoBatch's forwarded share of the same seed) epochs, the cosine schedule over those epochs "
+        "(run after the seed's round, not interleaved with it). *forwarded*: samples the training loop really ran (counted per batch), "
         "as a share of the full-data run of the same seed; *wall time*: `Trainer.fit` (set-up, dataloader reloads "
         "and the callback's work included; no validation), ratio to the full-data fit of the same seed, median over "
         "seeds [min–max]. The fits of a seed ran back to back in rotating order; a seed's round was re-run when "
@@ -393,6 +406,9 @@ def render(results: dict[str, Any]) -> str:
             ]
             if full:
                 cells.append("—")
+            elif name == BUDGET:
+                cells.append(f"(control: {harness.mean_std([r['epochs'] for r in t['runs'][BUDGET] if 'acc' in r])[0]:.1f} "
+                             "epochs)")
             else:
                 f_ok, w_ok, a_ok = _targets(v)
                 cells.append(f"{yes(f_ok)} / {yes(w_ok)} / {yes(a_ok)}")
@@ -404,6 +420,15 @@ def render(results: dict[str, Any]) -> str:
         ["task", "variant", "test acc %", "Δ acc (pp)", "samples forwarded (share)", "optimizer steps (share)",
          "fit s, median (ratio [min–max])", "targets: samples / time / acc"], rows))
     lines += ["", "Rounds: " + "; ".join(t.pop("_redone") for t in results["speed_quality"].values()) + "."]
+    versus = []
+    for task, t in results["speed_quality"].items():
+        ctrl = {r["seed"]: r["acc"] for r in t["runs"].get(BUDGET, []) if "acc" in r}
+        diffs = [r["acc"] - ctrl[r["seed"]] for r in t["runs"][INFOBATCH] if "acc" in r and r["seed"] in ctrl]
+        if diffs:
+            versus.append(f"{task} {_pm(diffs)} pp")
+    if versus:
+        lines += ["", "InfoBatch minus the control at the same sample budget (paired by seed): " + "; ".join(versus)
+                  + ". Positive: InfoBatch's choice of samples beats simply training fewer epochs."]
     per_epoch = []
     for task, t in results["speed_quality"].items():
         runs = t["runs"][INFOBATCH]

@@ -9,6 +9,8 @@ measurements:
     under three optimizers: Adam (the default foreach implementation), ``Adam(fused=True)`` and
     SGD with momentum. Adam's ``sqrt`` meets the exact zeros of the pruned slots' state, which is
     several times slower on this CPU (see the ``pruning_overhead`` section).
+(a') the same at batch 1024 (fused Adam and SGD): the masking pass is unchanged, the
+    matmuls cost 8x more.
 (b) *update steps*: RigL, SET, SRigL and GraNet updating every 10 steps (Adam); the time of an
     update step minus the median normal step of the same fit, the update itself timed in place
     (``_update``), and both amortised over the papers' delta T = 100.
@@ -55,6 +57,7 @@ MAX_FOREIGN = 0.1  # the foreign-load guard of the full run; --quick runs withou
 BATCH = 128
 DROP_FRACTION = 0.3
 OPTIMIZERS = ("Adam", "Adam fused", "SGD")  # (a)
+BATCH_LARGE, OPTIMIZERS_LARGE = 1024, ("Adam fused", "SGD")  # (a'): same weights, 8x the matmul work per step
 METHODS_B = ("rigl", "set", "srigl", "granet")  # (b)
 EVERY_B = 10  # (b): updates at steps 10, 20, ... (many per fit); amortised over AMORTISE steps
 AMORTISE = 100  # the papers' delta T
@@ -148,17 +151,18 @@ def fit_once(width: int, loader: DataLoader, optimizer: str, make: Callable, ste
     return out
 
 
-def _loader(width: int, steps: int) -> DataLoader:
+def _loader(width: int, steps: int, batch: int = BATCH) -> DataLoader:
     g = torch.Generator().manual_seed(1)
-    data = TensorDataset(torch.randn(steps * BATCH, width, generator=g), torch.randn(steps * BATCH, width, generator=g))
-    return DataLoader(data, batch_size=BATCH, shuffle=False)  # one epoch covers the run: no epoch-end work
+    data = TensorDataset(torch.randn(steps * batch, width, generator=g), torch.randn(steps * batch, width, generator=g))
+    return DataLoader(data, batch_size=batch, shuffle=False)  # one epoch covers the run: no epoch-end work
 
 
-def between(width: int, steps: int, warmup: int, repeats: int, guard: float | None) -> dict[str, Any]:
-    """(a) plain vs RigL without updates, per optimizer, all six variants interleaved."""
-    loader = _loader(width, steps)
+def between(width: int, steps: int, warmup: int, repeats: int, guard: float | None, batch: int = BATCH,
+            optimizers: tuple[str, ...] = OPTIMIZERS) -> dict[str, Any]:
+    """(a) plain vs RigL without updates, per optimizer, all variants interleaved."""
+    loader = _loader(width, steps, batch)
     make: dict[str, tuple[str, Callable]] = {}
-    for opt in OPTIMIZERS:
+    for opt in optimizers:
         make[f"plain, {opt}"] = (_OPT[opt], lambda: None)
         make[f"RigL, {opt}"] = (_OPT[opt], lambda: _dst("rigl", 10**9, steps))  # no update within the fit
     log: list[dict] = []
@@ -175,9 +179,10 @@ def between(width: int, steps: int, warmup: int, repeats: int, guard: float | No
                                 extras=extras)
     rows = {opt: next(r for r in harness.ratio_table({k: times[k] for k in (f"plain, {opt}", f"RigL, {opt}")},
                                                       f"plain, {opt}") if r["variant"] == f"RigL, {opt}")
-            for opt in OPTIMIZERS}
-    return {"steps": steps, "warmup": warmup, "repeats": repeats, "step_s": times, "rows": rows,
-            "plain_rows": harness.ratio_table({f"plain, {o}": times[f"plain, {o}"] for o in OPTIMIZERS}, "plain, Adam"),
+            for opt in optimizers}
+    return {"steps": steps, "warmup": warmup, "repeats": repeats, "batch": batch, "step_s": times, "rows": rows,
+            "plain_rows": harness.ratio_table({f"plain, {o}": times[f"plain, {o}"] for o in optimizers},
+                                              f"plain, {optimizers[0]}"),
             "fits": {k: [{kk: vv for kk, vv in x.items() if kk not in ("median_s", "update_steps_s", "update_s")}
                          for x in e] for k, e in extras.items()},
             "rounds": log}
@@ -288,6 +293,8 @@ def run(quick: bool) -> dict[str, Any]:
     say = lambda msg: print(f"[dst_overhead] {time.perf_counter() - t0:4.0f} s  {msg}", flush=True)  # noqa: E731
     say(f"(a) between updates: 6x{width} MLP, 50 steps x {r_a} fits x {2 * len(OPTIMIZERS)} variants")
     res["between"] = between(width, 50, 12, r_a, guard)
+    say(f"(a') between updates at batch {BATCH_LARGE}: 30 steps x {r_a // 2} fits x {2 * len(OPTIMIZERS_LARGE)} variants")
+    res["between_large"] = between(width, 30, 8, max(r_a // 2, 1), guard, BATCH_LARGE, OPTIMIZERS_LARGE)
     say(f"(b) updates every {EVERY_B} steps: {steps_b} steps x {r_b} fits x {1 + len(METHODS_B)} variants")
     res["updates"] = updates(width, steps_b, 5, r_b, guard)
     say(f"(c) growth: widths {widths[0]}..{widths[-1]} x {r_c} rounds")
@@ -316,6 +323,24 @@ def render(res: dict[str, Any]) -> str:
                        ms(harness.median([f["mask_grads_s"] for f in a["fits"][d]])),
                        f"{fit[p]['faults_per_step']:.0f} / {fit[d]['faults_per_step']:.0f}"])
     d0 = fit[f"RigL, {OPTIMIZERS[0]}"]
+    a2 = res.get("between_large")
+    rows_a2 = []
+    for opt in (a2["rows"] if a2 else {}):
+        p, d = f"plain, {opt}", f"RigL, {opt}"
+        r = a2["rows"][opt]
+        rows_a2.append([opt, ms(harness.median(a2["step_s"][p])), ms(harness.median(a2["step_s"][d])),
+                        f"**{ratio(r)}** ({'meets' if r['ratio'] <= 1.05 else 'misses'})",
+                        ms(harness.median([f["mask_grads_s"] for f in a2["fits"][d]]))])
+    part_a2 = [] if not a2 else [
+        f"**(a') Between updates at batch {a2['batch']}**: the same model, masks and protocol, {a2['repeats']} fits "
+        f"per variant of {a2['steps']} steps (first {a2['warmup']} not timed); rounds re-run: {redone(a2)}. The "
+        "masking pass costs the same as at batch 128; the matmuls cost 8× more, as in training with larger batches "
+        "or longer sequences.",
+        "",
+        harness.markdown_table(["optimizer", "plain ms/step", "RigL ms/step", "RigL vs plain", "mask_grads_ ms"],
+                               rows_a2),
+        "",
+    ]
     rows_b = [["plain", ms(harness.median(b["step_s"]["plain"])), "—", "—", "—", "—", "—"]]
     for m, v in b["methods"].items():
         rows_b.append([
@@ -354,6 +379,7 @@ def render(res: dict[str, Any]) -> str:
         "several times slower on exact zeros, and after masking Adam's `exp_avg_sq` is exactly 0 in 90% of its "
         "slots (the engine also zeroes the state of every changed slot at an update). SGD's step has no `sqrt`.",
         "",
+        *part_a2,
         f"**(b) Update steps** (Adam): each method updating every {b['every']} steps (`SparsitySchedule(\"cubic\", "
         f"start=0, end={b['steps']}, every_n_steps={b['every']})`, drop fraction {s['drop_fraction']} cosine-decayed; "
         f"{b['methods']['rigl']['updates_per_fit']} updates per fit), {b['repeats']} fits per variant of {b['steps']} "
@@ -394,10 +420,14 @@ def plot(res: dict[str, Any], path: Path) -> None:
         r = a["rows"][opt]
         labels.append(f"between\n{opt}")
         vals.append(r["ratio"]), lo.append(r["ratio"] - r["ratio_min"]), hi.append(r["ratio_max"] - r["ratio"])
+    large = res.get("between_large", {}).get("rows", {})
+    for opt, r in large.items():
+        labels.append(f"between\n{opt}\nbatch {res['between_large']['batch']}")
+        vals.append(r["ratio"]), lo.append(r["ratio"] - r["ratio_min"]), hi.append(r["ratio_max"] - r["ratio"])
     for m, v in b["methods"].items():
         labels.append(f"{_NAMES[m]}\namortised")
         vals.append(v["amortised_ratio"]), lo.append(0), hi.append(0)
-    ax.bar(range(len(vals)), vals, yerr=[lo, hi], capsize=3, color=["tab:blue"] * len(OPTIMIZERS) + ["tab:green"] * len(b["methods"]))
+    ax.bar(range(len(vals)), vals, yerr=[lo, hi], capsize=3, color=["tab:blue"] * len(OPTIMIZERS) + ["tab:cyan"] * len(large) + ["tab:green"] * len(b["methods"]))
     ax.axhline(1.0, color="k", lw=0.8)
     ax.axhline(1.05, color="gray", ls="--", lw=0.8, label="1.05× target")
     ax.set_xticks(range(len(vals)), labels, fontsize=7)

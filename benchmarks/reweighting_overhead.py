@@ -4,9 +4,9 @@ Variants, measured in the same run with interleaved fits (rotating start; rounds
 other processes used more than ``MAX_FOREIGN`` of the CPUs are re-run):
 - ``plain``: the demo model's ``training_step`` with no callback (``weighted_loss`` = ``losses.mean()``);
 - ``SampleReweighting``: ``SampleReweighting("linupper", warmup_steps=0)``: weights on every step,
-  with its three per-step logs;
-- ``SampleReweighting, no logs``: the same callback with its per-step ``pl_module.log`` calls
-  removed (a benchmark-only subclass): what the logging costs;
+  its three logs on the Trainer's ``log_every_n_steps`` cadence (default 50);
+- ``SampleReweighting, no logs``: the same callback with its ``pl_module.log`` calls removed (a
+  benchmark-only subclass): what the logging costs;
 - ``inline loss_weights (floor)``: no callback; the module computes
   ``(loss_weights(losses, "linupper") * losses).mean()`` itself, the least any per-batch
   loss weighting costs;
@@ -60,7 +60,7 @@ PLAIN, RW, RW_NOLOG, FLOOR, DP = ("plain", "SampleReweighting", "SampleReweighti
 
 
 class QuietReweighting(SampleReweighting):
-    """SampleReweighting without its three per-step ``pl_module.log`` calls (benchmark only)."""
+    """SampleReweighting without its ``pl_module.log`` calls (benchmark only)."""
 
     def _weights(self, trainer, pl_module, losses, index):
         if trainer.global_step < self.warmup_steps or self.rule == "uniform":
@@ -245,7 +245,8 @@ def render(results: dict[str, Any]) -> str:
         "fetch included), and intervals that straddle an epoch end are left out (see the second table). Ratio = "
         "median of the variant's per-fit medians / that of `plain`; in brackets the min–max of the per-round ratios. "
         f"*SampleReweighting*: `SampleReweighting(\"{s['rule']}\", warmup_steps=0)` (weights every step, logs ESS, "
-        "entropy and max weight every step); *no logs*: the same without its three `pl_module.log` calls (a "
+        "entropy and max weight on the first weighted step and then every `log_every_n_steps` = 50 steps); *no "
+        "logs*: the same without its three `pl_module.log` calls (a "
         "benchmark-only subclass); *floor*: no callback, the module computes `(loss_weights(losses, \"linupper\") * "
         "losses).mean()` itself; *DataPruning*: `DataPruning(ratio=0.5, anneal=0.125)`, time per forwarded batch. "
         f"Rounds during which other processes used > {s['max_foreign']:.0%} of the CPUs were re-run"

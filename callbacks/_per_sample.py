@@ -111,9 +111,10 @@ def weighted_loss(pl_module: pl.LightningModule, losses: Tensor, index: Tensor |
         cb._observe(trainer, pl_module, g_losses, g_index, extra)
     if weights is None:
         return losses.mean()
-    start = trainer.global_rank * losses.numel() if trainer.world_size > 1 else 0
-    local = weights[start:start + losses.numel()].to(losses.dtype)
-    return (local * losses).mean()
+    if trainer.world_size > 1:  # this rank's share of the global weights
+        start = trainer.global_rank * losses.numel()
+        weights = weights[start:start + losses.numel()]
+    return (weights.to(losses.dtype) * losses).mean()
 
 
 def _reduce_output(pl_module: pl.LightningModule, out: Any) -> Any:

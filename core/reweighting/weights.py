@@ -36,29 +36,33 @@ def normalize_losses(losses: Tensor) -> Tensor:
     return torch.where(span > 0, 2 * (losses - lo) / span.clamp_min(torch.finfo(losses.dtype).tiny) - 1, 0.0)
 
 
-def _transform(x: Tensor, rule: str) -> Tensor:
-    if rule == "linupper":
-        return torch.clamp(x + 1, max=1.0)
-    if rule == "quadratic":
-        return 1 - x * x
-    if rule == "extremes":
-        return x.abs()
-    if rule == "softmax":
-        return x
-    if rule == "softmin":
-        return -x
-    raise ValueError(f"rule={rule!r} must be one of {', '.join(RULES)}.")
-
-
 @torch.no_grad()
 def loss_weights(losses: Tensor, rule: str = "linupper", temperature: float = 1.0) -> Tensor:
     """Weights with mean exactly 1 over ``losses`` (a 1-D batch); no gradient."""
     losses = losses.detach().float()
     if rule == "uniform":
         return torch.ones_like(losses)
-    f = _transform(normalize_losses(losses), rule)
-    w = torch.softmax(f / temperature, dim=0)
-    return w * losses.numel()
+    if rule not in RULES:
+        raise ValueError(f"rule={rule!r} must be one of {', '.join(RULES)}.")
+    # softmax(f(x) / T) with x = normalize_losses(losses), in a third of the tensor ops
+    # (on a batch of 64 each op is ~5 us of dispatch, more than its arithmetic): u = x + 1 in [0, 2],
+    # and each transform rewritten in u up to a constant, which the softmax ignores. A constant
+    # batch gives u = 0 everywhere, hence uniform weights.
+    lo, hi = torch.aminmax(losses)
+    u = (losses - lo).mul_(2.0 / (hi - lo).clamp_min(torch.finfo(losses.dtype).tiny))
+    if rule == "linupper":
+        f = u.clamp_(max=1.0)  # min(x + 1, 1)
+    elif rule == "quadratic":
+        f = u.mul_(2.0 - u)  # 1 - x^2 = u (2 - u)
+    elif rule == "extremes":
+        f = u.sub_(1.0).abs_()  # |x|
+    elif rule == "softmax":
+        f = u  # x + 1
+    else:  # softmin
+        f = u.neg_()  # -x - 1
+    if temperature != 1.0:
+        f = f.div_(temperature)
+    return torch.softmax(f, dim=0).mul_(losses.numel())
 
 
 @torch.no_grad()

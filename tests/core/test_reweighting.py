@@ -51,6 +51,27 @@ def test_rule_shapes_follow_the_paper():
     assert torch.allclose(loss_weights(losses, "linupper", 0.7), expected)
 
 
+PAPER_TRANSFORMS = {  # f(x) on x in [-1, 1], as written in Sow et al. (and the module docstring)
+    "linupper": lambda x: torch.clamp(x + 1, max=1.0),
+    "quadratic": lambda x: 1 - x * x,
+    "extremes": lambda x: x.abs(),
+    "softmax": lambda x: x,
+    "softmin": lambda x: -x,
+}
+
+
+@pytest.mark.parametrize("rule", sorted(PAPER_TRANSFORMS))
+@pytest.mark.parametrize("temperature", [1.0, 0.3])
+def test_weights_equal_the_papers_formula(rule, temperature):
+    """The fused implementation against softmax(f(normalise(l)) / T) * n written out."""
+    torch.manual_seed(2)
+    losses = torch.rand(64) * 4
+    x = normalize_losses(losses)
+    expected = torch.softmax(PAPER_TRANSFORMS[rule](x) / temperature, 0) * 64
+    assert torch.allclose(loss_weights(losses, rule, temperature), expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(loss_weights(torch.full((8,), 0.7), rule, temperature), torch.ones(8))  # constant batch
+
+
 def test_focal_ess_and_entropy():
     losses = torch.tensor([0.01, 0.1, 1.0, 3.0])
     w = focal_weights(losses, 2.0)
