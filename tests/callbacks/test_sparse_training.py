@@ -38,6 +38,7 @@ class Probe(Callback):
 
     def __init__(self, dst: DynamicSparseTraining):
         self.dst, self.before, self.grown, self.counts, self.zeros, self.fanins = dst, None, 0, [], [], []
+        self.alive = []
 
     def on_train_batch_start(self, trainer, pl_module, *args):
         self.before = {n: m.clone() for n, m in self.dst.engine.masks.items()}
@@ -59,6 +60,7 @@ class Probe(Callback):
         self.counts.append({n: int(m.sum()) for n, m in engine.masks.items()})
         self.zeros.append(all(bool((p[~engine.masks[n]] == 0).all()) for n, p in engine.params.items()))
         self.fanins.append({n: set(m.reshape(m.shape[0], -1).sum(1)[self.dst._alive[n]].tolist()) for n, m in engine.masks.items()})
+        self.alive.append({n: int(a.sum()) for n, a in self.dst._alive.items()})
 
 
 @pytest.mark.parametrize("optimizer", ["sgd_momentum", "adam", "adamw_wd"])
@@ -78,6 +80,9 @@ def test_densities_zeros_and_regrowth_after_every_step(method, optimizer):
         assert probe.counts[-1] != probe.counts[0]
     if method == "srigl":
         assert all(len(f) == 1 for step in probe.fanins for f in step.values()), "fan-in differs between neurons"
+        # constant fan-in k' = budget // alive: the layer's budget, less the remainder (< alive) after an ablation
+        for counts, alive in zip(probe.counts, probe.alive):
+            assert all(probe.counts[0][n] - alive[n] < c <= probe.counts[0][n] for n, c in counts.items()), counts
     if method == "static":
         assert probe.grown == 0
     else:
