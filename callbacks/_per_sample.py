@@ -32,6 +32,10 @@ __all__ = ["weighted_loss"]
 class _PerSample(Callback):
     """Base of the callbacks that weight (or select) individual samples."""
 
+    # Whether ``_weights`` needs the losses of the whole global batch every step: under DDP
+    # that is one all-gather per step, a sync point in the middle of the forward pass.
+    _global_losses = True
+
     def _weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule, losses: Tensor,
                  index: Tensor | None) -> Tensor | None:
         """Weights for the global batch ``losses`` [G] (None = all 1)."""
@@ -39,7 +43,7 @@ class _PerSample(Callback):
 
     def _observe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, losses: Tensor, index: Tensor | None,
                  extra: dict[str, Tensor]) -> None:
-        """See the global batch's detached losses after weighting (e.g. to update scores)."""
+        """See this rank's detached losses [B] and their dataset ids (e.g. to update scores)."""
 
     def _global_index(self, trainer: pl.Trainer, batch_size: int) -> Tensor | None:
         """Dataset ids of the global batch, when the callback knows them (DataPruning's sampler)."""
@@ -99,22 +103,22 @@ def weighted_loss(pl_module: pl.LightningModule, losses: Tensor, index: Tensor |
     if not callbacks:
         return losses.mean()
     pl_module.__dict__["_lichtenberg_reduced"] = True  # the training_step wrapper passes this scalar through
-    g_losses = _gather(trainer, losses.detach())
-    g_index = _gather(trainer, index) if index is not None else None
+    n, start = losses.numel(), trainer.global_rank * losses.numel() if trainer.world_size > 1 else 0
+    gather = any(cb._global_losses for cb in callbacks)  # else no collective at all in the step
+    g_losses = _gather(trainer, losses.detach()) if gather else None
+    g_index = _gather(trainer, index) if index is not None and gather else None
     for cb in callbacks:
-        g_index = cb._global_index(trainer, losses.numel()) if g_index is None else g_index
+        g_index = cb._global_index(trainer, n) if g_index is None else g_index
     weights = None
     for cb in callbacks:
         w = cb._weights(trainer, pl_module, g_losses, g_index)
         weights = w if weights is None else (weights if w is None else weights * w)
+    local_index = index if index is not None or g_index is None else g_index[start:start + n]
     for cb in callbacks:
-        cb._observe(trainer, pl_module, g_losses, g_index, extra)
+        cb._observe(trainer, pl_module, losses.detach(), local_index, extra)
     if weights is None:
         return losses.mean()
-    if trainer.world_size > 1:  # this rank's share of the global weights
-        start = trainer.global_rank * losses.numel()
-        weights = weights[start:start + losses.numel()]
-    return (weights.to(losses.dtype) * losses).mean()
+    return (weights[start:start + n].to(losses.dtype) * losses).mean()  # this rank's share
 
 
 def _reduce_output(pl_module: pl.LightningModule, out: Any) -> Any:

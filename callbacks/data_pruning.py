@@ -9,9 +9,10 @@ How it attaches (see docs/reweighting.md):
   (shorter) length every epoch; the first load of a run is full length, so
   ``trainer.estimated_stepping_batches`` read at set-up is the full-data count on a fresh run
   and on a resumed one alike (an upper bound: LR schedules sized from it never overrun);
-- the batch's dataset ids come from the plan (no index needed from the module), scores are
-  updated from the all-gathered per-sample losses, and scores, plan and counters are in the
-  callback state (exact resume, also mid-epoch).
+- the batch's dataset ids come from the plan (no index needed from the module). Each rank
+  scores its own share; the shares are merged once per epoch (and before a checkpoint), so a
+  step has no collective besides DDP's own. Scores, plan and counters are in the callback
+  state (exact resume, also mid-epoch).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, SequentialSampler
 
 from ..core.reweighting import PlanSampler, el2n_scores, infobatch_plan, static_keep
-from ._per_sample import _gather, _PerSample
+from ._per_sample import _PerSample
 from ._summary import format_table
 
 __all__ = ["DataPruning"]
@@ -52,6 +53,8 @@ class DataPruning(_PerSample):
         >>> trainer = Trainer(max_epochs=40, callbacks=[DataPruning(ratio=0.5)])
     """
 
+    _global_losses = False  # the weights come from the plan; scores are merged per epoch
+
     def __init__(self, ratio: float = 0.5, anneal: float = 0.125, mode: Literal["infobatch", "static"] = "infobatch",
                  score: Literal["loss", "el2n"] = "loss", score_epochs: int = 1, seed: int = 0) -> None:
         if not 0.0 <= ratio < 1.0:
@@ -67,6 +70,7 @@ class DataPruning(_PerSample):
         self.ratio, self.anneal, self.mode, self.score, self.score_epochs, self.seed = ratio, anneal, mode, score, score_epochs, seed
         self.scores: Tensor | None = None  # [N] latest score per item
         self.seen: Tensor | None = None  # [N] bool
+        self._touched: Tensor | None = None  # [N] bool: scored by this rank since the last merge (DDP)
         self._plan: tuple[int, Tensor, Tensor] | None = None  # (epoch, ordered ids, weight per item)
         self._static_ids: Tensor | None = None
         self._forwarded = self._skip_batches = self._batch_idx = 0
@@ -115,8 +119,10 @@ class DataPruning(_PerSample):
             raise ValueError("DataPruning needs one map-style torch DataLoader with a batch_size (no custom "
                              f"batch_sampler, no IterableDataset) as the training data; got {type(loader).__name__}.")
         n = len(loader.dataset)
-        if self.scores is None:
-            self.scores, self.seen = torch.zeros(n), torch.zeros(n, dtype=torch.bool)
+        if self.scores is None:  # on the device the losses will come from
+            device = self._trainer.strategy.root_device
+            self.scores, self.seen = torch.zeros(n, device=device), torch.zeros(n, dtype=torch.bool, device=device)
+            self._touched = torch.zeros_like(self.seen)
         elif self.scores.numel() != n:
             raise ValueError(f"DataPruning holds scores for {self.scores.numel()} samples but the dataset has {n}.")
         self._shuffle = not isinstance(loader.sampler, SequentialSampler)
@@ -133,6 +139,7 @@ class DataPruning(_PerSample):
         device = pl_module.device
         if self.scores is not None:
             self.scores, self.seen = self.scores.to(device), self.seen.to(device)
+            self._touched = torch.zeros_like(self.seen)
         if self._plan is not None:
             self._plan = (self._plan[0], self._plan[1], self._plan[2].to(device))
 
@@ -202,12 +209,29 @@ class DataPruning(_PerSample):
             if "logits" not in extra or "target" not in extra:
                 raise ValueError("DataPruning(score='el2n') needs 'logits' and 'target' in the dict training_step "
                                  "returns (besides the per-sample 'loss').")
-            values = _gather(trainer, el2n_scores(extra["logits"], extra["target"]))
+            values = el2n_scores(extra["logits"], extra["target"])
         self.scores[index] = values.to(self.scores.dtype)
         self.seen[index] = True
-        self._forwarded += index.numel()
+        if self._touched is not None:
+            self._touched[index] = True
+        self._forwarded += index.numel() * trainer.world_size  # every rank forwards an equal share
+
+    def _merge(self) -> None:
+        """Give every rank the scores all ranks wrote since the last merge (a collective).
+
+        The ranks' shares are disjoint, so a sum of masked scores is exact.
+        """
+        trainer = self._trainer
+        if trainer.world_size < 2 or self._touched is None or self.scores is None:
+            return
+        mask = trainer.strategy.reduce(self._touched.float(), reduce_op="sum") > 0
+        values = trainer.strategy.reduce(self.scores * self._touched, reduce_op="sum")
+        self.scores = torch.where(mask, values, self.scores)
+        self.seen |= mask
+        self._touched.zero_()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._merge()  # before the next epoch's plan is drawn
         self._skip_batches = 0
         if self._plan is not None and self.scores is not None:
             pl_module.log("data_pruning/kept_fraction", self._plan[1].numel() / self.scores.numel(), on_epoch=True)
@@ -221,6 +245,10 @@ class DataPruning(_PerSample):
         rank_zero_info(format_table("DataPruning summary", rows))
 
     def state_dict(self) -> dict[str, Any]:
+        # Lightning builds a checkpoint on every rank, so a mid-epoch one can merge first (and
+        # resume exactly); the end-of-epoch merge then finds the same scores.
+        if self._started:
+            self._merge()
         plan = None if self._plan is None else (self._plan[0], self._plan[1], self._plan[2].cpu())
         return {"scores": None if self.scores is None else self.scores.cpu(), "seen": None if self.seen is None else self.seen.cpu(),
                 "plan": plan, "static_ids": self._static_ids, "forwarded": self._forwarded}
