@@ -205,6 +205,31 @@ def test_ddp_pruned_epochs_are_shorter_and_each_kept_sample_is_seen_once(tmp_pat
             assert both.shape[0] < 96  # pruned epochs really are shorter under DDP, not padded back
 
 
+@pytest.mark.slow
+def test_ddp_mid_epoch_resume_with_pruning_is_exact(tmp_path):
+    """Under DDP each rank scores its own share; a mid-epoch checkpoint must merge the shares
+    first (rank 0 writes the file), or the next epoch's plan, hence the weights, would differ."""
+    def run(ckpt=None, every=None):
+        L.seed_everything(0)
+        callbacks = [DataPruning(ratio=0.5, anneal=0.25)]
+        if every:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=every, save_top_k=-1))
+        trainer = L.Trainer(**{**BASE, "devices": 2, "enable_checkpointing": bool(every)}, strategy="ddp_spawn",
+                            max_epochs=5, callbacks=callbacks)
+        model = PerSampleModel()
+        trainer.fit(model, datamodule=TinyData(), ckpt_path=ckpt)
+        return model
+
+    ref = run(every=1)
+    ckpts = {int(p.stem.split("step=")[1]): p for p in tmp_path.glob("*.ckpt")}
+    epoch = {s: int(p.stem.split("epoch=")[1].split("-")[0]) for s, p in ckpts.items()}
+    # epoch 1 is pruned; a step followed by another of the same epoch is mid-epoch
+    mid = min(s for s in ckpts if epoch[s] == 1 and epoch.get(s + 1) == 1 and epoch.get(s - 1) == 1)
+    resumed = run(ckpt=str(ckpts[mid]))
+    for key, value in ref.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+
 class NoBNModel(TinyModel):
     """No BatchNorm (its batch statistics differ between one batch of 16 and two of 8); ids in the output."""
 
