@@ -16,10 +16,8 @@ Run from the repository root: ``python -m benchmarks.averaging_quality [--seeds 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -97,35 +95,16 @@ def variants(has_bn: bool) -> dict[str, Callable[[], list[Callback]]]:
     return out
 
 
-def _trainer(**kwargs: Any) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
-
-
-def _test(model: L.LightningModule, dm: L.LightningDataModule) -> dict[str, float]:
-    (out,) = _trainer().test(model, datamodule=dm, verbose=False)  # no callbacks: tests what the module holds
-    return {"acc": float(out["test_acc"]), "loss": float(out["test_loss"])}
-
-
 def fit_and_test(task: str, seed: int, make_callbacks: Callable[[], list[Callback]], epochs: int, quick: bool) -> dict:
     """One training run; returns test metrics of the final module and of its raw last iterate (if known)."""
     L.seed_everything(seed, verbose=False)
     model, dm = TASKS[task][0](seed, quick)
     callbacks = make_callbacks()
-    trainer = _trainer(max_epochs=epochs, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks)
-    t0 = time.perf_counter()
     try:
-        trainer.fit(model, datamodule=dm)
+        trainer, fit_s = harness.fit(model, dm, callbacks, max_epochs=epochs)
     except Exception as exc:  # a peer that crashes is a result
-        return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200], "trace": traceback.format_exc()[-2000:]}
-    out: dict[str, Any] = {"fit_s": time.perf_counter() - t0, "steps": trainer.global_step, "final": _test(model, dm)}
+        return harness.crash_record(exc)
+    out: dict[str, Any] = {"fit_s": fit_s, "steps": trainer.global_step, "final": harness.evaluate(model, dm)}
     raw = None
     for cb in callbacks:
         if isinstance(cb, EMA):
@@ -140,7 +119,7 @@ def fit_and_test(task: str, seed: int, make_callbacks: Callable[[], list[Callbac
     if raw is not None:
         out["_raw_state"] = raw
         model.load_state_dict(raw, strict=False)
-        out["raw"] = _test(model, dm)
+        out["raw"] = harness.evaluate(model, dm)
     return out
 
 
@@ -184,13 +163,6 @@ def run(seeds: int, quick: bool) -> dict[str, Any]:
                 print(f"[averaging_quality] {task} | seed {seed} | {name}: {status}", flush=True)
         results["tasks"][task] = {"epochs": epochs, "runs": runs, "seconds": time.perf_counter() - t0}
     return results
-
-
-def _pm(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
-    if not values:
-        return "—"
-    m, sd = harness.mean_std([v * scale for v in values])
-    return f"{m:.{digits}f} ± {sd:.{digits}f}"
 
 
 def summarise(results: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -252,11 +224,11 @@ def render(results: dict[str, Any]) -> str:
             rows.append(
                 [
                     name + error,
-                    _pm(v["acc"]),
-                    "—" if first else _pm(v["d_acc"]),
-                    _pm(v["loss"], 1.0, 3),
-                    "—" if first else _pm(v["d_loss"], 1.0, 3),
-                    _pm(v["raw_acc"]),
+                    harness.pm(v["acc"]),
+                    "—" if first else harness.pm(v["d_acc"]),
+                    harness.pm(v["loss"], 1.0, 3),
+                    "—" if first else harness.pm(v["d_loss"], 1.0, 3),
+                    harness.pm(v["raw_acc"]),
                     bitwise,
                     decay,
                 ]
@@ -272,11 +244,7 @@ def render(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     summary = summarise(results)
     tasks = list(summary)
     metrics = (("d_acc", 100.0, "Δ test accuracy (pp)"), ("d_loss", 1.0, "Δ test loss"))
@@ -297,15 +265,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 epochs, small data, docs untouched")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(THREADS)
-    harness.quiet_lightning()
-    t0 = time.perf_counter()
-    results = run(args.seeds, args.quick)
-    harness.publish("averaging_quality", results, time.perf_counter() - t0, render, plot, "Δ accuracy vs last iterate", args.quick)
+    harness.main("averaging_quality", run, render, plot, "Δ accuracy vs last iterate", argv, threads=THREADS,
+                 quick="2 epochs, small data", seeds=3)
 
 
 if __name__ == "__main__":

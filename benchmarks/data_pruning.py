@@ -27,13 +27,11 @@ Run from the repository root: ``python -m benchmarks.data_pruning [--seeds 3] [-
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,7 +45,6 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Sampler
 
 from benchmarks import harness
-from benchmarks.averaging_quality import _pm, _trainer
 from lichtenberg.callbacks import DataPruning
 from lichtenberg.cli.data import DigitsDataModule, MNIST1DDataModule
 from lichtenberg.cli.models import MLP, SmallCNN
@@ -142,17 +139,13 @@ def fit_and_test(task: str, variant: str, seed: int, epochs: int, quick: bool) -
     model, dm = TASKS[task](seed, quick)
     counter = Counter()
     callbacks = [*VARIANTS[variant](seed), counter]
-    trainer = _trainer(max_epochs=epochs, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks)
-    t0 = time.perf_counter()
     try:
-        trainer.fit(model, datamodule=dm)
+        trainer, fit_s = harness.fit(model, dm, callbacks, max_epochs=epochs)
     except Exception as exc:  # a crash is a result
-        return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200], "trace": traceback.format_exc()[-2000:]}
-    fit_s = time.perf_counter() - t0
-    (test,) = _trainer().test(model, datamodule=dm, verbose=False)  # no callbacks
-    return {"fit_s": fit_s, "steps": trainer.global_step, "forwarded": counter.forwarded, "n_train": len(dm.train_set),
-            "per_epoch": [counter.per_epoch.get(e, 0) for e in range(epochs)],
-            "acc": float(test["test_acc"]), "loss": float(test["test_loss"])}
+        return harness.crash_record(exc)
+    return {"fit_s": fit_s, "steps": trainer.global_step, "forwarded": counter.forwarded,
+            "n_train": len(dm.train_set), "per_epoch": [counter.per_epoch.get(e, 0) for e in range(epochs)],
+            **harness.evaluate(model, dm)}
 
 
 def run_speed_quality(seeds: int, quick: bool) -> dict[str, Any]:
@@ -235,7 +228,7 @@ def _ddp_fit(make_dm: Callable[[], L.LightningDataModule], callbacks: list[Callb
         try:
             trainer.fit(model, datamodule=make_dm())
         except Exception as exc:
-            return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200], "trace": traceback.format_exc()[-2000:]}
+            return harness.crash_record(exc)
         ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(2)]
     return {"fit_s": time.perf_counter() - t0, "ranks": ranks}
 
@@ -300,8 +293,7 @@ def run_el2n(seeds: int, quick: bool) -> dict[str, Any]:
         noisy = dm.noisy_mask
         probe = El2nProbe(x, y)
         dp = DataPruning(ratio=RATIO, mode="static", score="el2n", score_epochs=epochs, seed=seed)
-        trainer = _trainer(max_epochs=epochs, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[dp, probe])
-        trainer.fit(model, datamodule=dm)
+        harness.fit(model, dm, [dp, probe], max_epochs=epochs)
         mean = torch.stack(probe.scores).mean(0)
         in_training = dp.scores.cpu()
         k = int(noisy.sum())
@@ -399,7 +391,7 @@ def render(results: dict[str, Any]) -> str:
             fwd_m = harness.mean_std(v["forwarded_share"])[0]
             tr = v["time_ratio"]
             cells = [
-                task, name, _pm(v["acc"]), "—" if full else _pm(v["d_acc"]),
+                task, name, harness.pm(v["acc"]), "—" if full else harness.pm(v["d_acc"]),
                 f"{harness.mean_std(v['forwarded'])[0]:,.0f}" + ("" if full else f" ({fwd_m:.1%})"),
                 f"{harness.mean_std(v['steps'])[0]:,.0f}" + ("" if full else f" ({harness.mean_std(v['steps_share'])[0]:.1%})"),
                 f"{harness.median(v['fit_s']):.1f}" + ("" if full else f" ({harness.median(tr):.3f}× [{min(tr):.2f}–{max(tr):.2f}])"),
@@ -425,7 +417,7 @@ def render(results: dict[str, Any]) -> str:
         ctrl = {r["seed"]: r["acc"] for r in t["runs"].get(BUDGET, []) if "acc" in r}
         diffs = [r["acc"] - ctrl[r["seed"]] for r in t["runs"][INFOBATCH] if "acc" in r and r["seed"] in ctrl]
         if diffs:
-            versus.append(f"{task} {_pm(diffs)} pp")
+            versus.append(f"{task} {harness.pm(diffs)} pp")
     if versus:
         lines += ["", "InfoBatch minus the control at the same sample budget (paired by seed): " + "; ".join(versus)
                   + ". Positive: InfoBatch's choice of samples beats simply training fewer epochs."]
@@ -484,7 +476,7 @@ def render(results: dict[str, Any]) -> str:
 
     e = results["el2n"]
     ok = e["runs"]
-    au = lambda key: _pm([r[key] for r in ok], 1.0, 3)  # noqa: E731
+    au = lambda key: harness.pm([r[key] for r in ok], 1.0, 3)  # noqa: E731
     lines += [
         "",
         f"**(c) EL2N label-noise detection.** digits with {e['label_noise']:.0%} label noise "
@@ -503,18 +495,14 @@ def render(results: dict[str, Any]) -> str:
     lines.append(harness.markdown_table(
         [*(f"AUROC epoch {i + 1}" for i in range(n_ep)), f"AUROC mean of epochs 1–{n_ep}", "AUROC in-training",
          "precision@k", "noisy share of the kept 50%", "target > 0.9"],
-        [[*(_pm([r["auroc_epoch"][i] for r in ok], 1.0, 3) for i in range(n_ep)), au("auroc_mean"),
-          au("auroc_in_training"), _pm([r["precision_at_k"] for r in ok]), _pm([r["noisy_share_kept"] for r in ok]),
+        [[*(harness.pm([r["auroc_epoch"][i] for r in ok], 1.0, 3) for i in range(n_ep)), au("auroc_mean"),
+          au("auroc_in_training"), harness.pm([r["precision_at_k"] for r in ok]), harness.pm([r["noisy_share_kept"] for r in ok]),
           yes(mean_auc > 0.9)]]))
     return "\n".join(lines)
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     tasks = list(results["speed_quality"])
     names = [INFOBATCH, STATIC]
@@ -582,16 +570,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 3 epochs, small data, docs untouched")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(THREADS)
-    harness.quiet_lightning()
-    t0 = time.perf_counter()
-    results = run(1 if args.quick else args.seeds, args.quick)
-    harness.publish("data_pruning", results, time.perf_counter() - t0, render, plot,
-                    "data pruning: cost, accuracy, DDP epoch lengths and EL2N", args.quick)
+    harness.main("data_pruning", run, render, plot, "data pruning: cost, accuracy, DDP epoch lengths and EL2N", argv,
+                 threads=THREADS, quick="1 seed, 3 epochs, small data", seeds=3, quick_seeds=lambda n: 1)
 
 
 if __name__ == "__main__":

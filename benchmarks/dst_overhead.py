@@ -24,7 +24,6 @@ Run from the repository root: ``python -m benchmarks.dst_overhead`` (``--quick``
 
 from __future__ import annotations
 
-import argparse
 import gc
 import math
 import statistics
@@ -41,10 +40,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from benchmarks import harness
-from benchmarks.ema_overhead import Regression, mlp, tensor_bytes
+from benchmarks.ema_overhead import Regression, mlp, random_loader, tensor_bytes
 from lichtenberg.callbacks import DynamicSparseTraining
 from lichtenberg.core.schedules import SparsitySchedule
 from lichtenberg.core.sparsity import MaskEngine, drop_and_grow, random_masks, srigl_update
@@ -66,15 +65,6 @@ FIT_FROM_C = 512  # (c): the slope is fitted from this width up (fixed per-call 
 POLICIES_C = ("SET", "RigL", "SRigL", "install")
 
 
-class Model(Regression):
-    """``Regression`` with ``torch.optim.Adam(fused=True)`` as a third optimizer."""
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.optimizer == "adam_fused":
-            return torch.optim.Adam(self.parameters(), lr=1e-4, fused=True)
-        return super().configure_optimizers()
-
-
 _OPT = {"Adam": "adam", "Adam fused": "adam_fused", "SGD": "sgd"}
 
 
@@ -91,19 +81,14 @@ class Probe(Callback):
         dst = self.dst
         if dst is None:
             return
-        mask_grads, update = dst.engine.mask_grads_, dst._update
-
-        def timed_mask_grads() -> None:
-            t0 = time.perf_counter()
-            mask_grads()
-            self.mask_grads.append(time.perf_counter() - t0)
+        update = dst._update
 
         def timed_update(trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
             t0 = time.perf_counter()
             update(trainer, pl_module, step)
-            self.updates[step] = time.perf_counter() - t0
+            self.updates[step] = time.perf_counter() - t0  # by step: update steps are told apart from the others
 
-        dst.engine.mask_grads_ = timed_mask_grads  # looked up on the instance at call time
+        dst.engine.mask_grads_ = harness.timed(dst.engine.mask_grads_, self.mask_grads)  # looked up at call time
         dst._update = timed_update
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
@@ -124,14 +109,11 @@ def _dst(method: str, every: int, end: int) -> DynamicSparseTraining:
 
 def fit_once(width: int, loader: DataLoader, optimizer: str, make: Callable, steps: int, warmup: int) -> dict[str, Any]:
     torch.manual_seed(0)
-    module = Model(mlp(width), optimizer)
+    module = Regression(mlp(width), optimizer)
     dst = make()
     probe = Probe(dst)
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-        callbacks=([dst] if dst is not None else []) + [probe],
-    )
+    trainer = harness.trainer(max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0,
+                              callbacks=([dst] if dst is not None else []) + [probe])
     gc.collect()
     faults = harness.minor_faults()
     trainer.fit(module, loader)
@@ -151,16 +133,10 @@ def fit_once(width: int, loader: DataLoader, optimizer: str, make: Callable, ste
     return out
 
 
-def _loader(width: int, steps: int, batch: int = BATCH) -> DataLoader:
-    g = torch.Generator().manual_seed(1)
-    data = TensorDataset(torch.randn(steps * batch, width, generator=g), torch.randn(steps * batch, width, generator=g))
-    return DataLoader(data, batch_size=batch, shuffle=False)  # one epoch covers the run: no epoch-end work
-
-
 def between(width: int, steps: int, warmup: int, repeats: int, guard: float | None, batch: int = BATCH,
             optimizers: tuple[str, ...] = OPTIMIZERS) -> dict[str, Any]:
     """(a) plain vs RigL without updates, per optimizer, all variants interleaved."""
-    loader = _loader(width, steps, batch)
+    loader = random_loader(steps * batch, width, batch)  # one epoch covers the run: no epoch-end work
     make: dict[str, tuple[str, Callable]] = {}
     for opt in optimizers:
         make[f"plain, {opt}"] = (_OPT[opt], lambda: None)
@@ -190,7 +166,7 @@ def between(width: int, steps: int, warmup: int, repeats: int, guard: float | No
 
 def updates(width: int, steps: int, warmup: int, repeats: int, guard: float | None) -> dict[str, Any]:
     """(b) plain vs each method updating every EVERY_B steps (Adam): normal steps, update steps, `_update`."""
-    loader = _loader(width, steps)
+    loader = random_loader(steps * BATCH, width, BATCH)
     make = {"plain": lambda: None, **{m: (lambda m=m: _dst(m, EVERY_B, steps)) for m in METHODS_B}}
     log: list[dict] = []
     extras: dict[str, list[dict]] = {}
@@ -407,11 +383,7 @@ def render(res: dict[str, Any]) -> str:
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     a, b, c = res["between"], res["updates"], res["growth"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     ax = axes[0]
@@ -446,15 +418,8 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: small model, few fits, docs untouched")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(THREADS)
-    harness.quiet_lightning()
-    t0 = time.perf_counter()
-    res = run(args.quick)
-    harness.publish("dst_overhead", res, time.perf_counter() - t0, render, plot, "DST step-time ratios and update cost",
-                    args.quick)
+    harness.main("dst_overhead", run, render, plot, "DST step-time ratios and update cost", argv, threads=THREADS,
+                 quick="small model, few fits")
 
 
 if __name__ == "__main__":

@@ -35,12 +35,10 @@ Run from the repository root: ``python -m benchmarks.dst_quality [--seeds 3] [--
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,13 +53,12 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks import harness
-from benchmarks.averaging_quality import _pm, _trainer
+from benchmarks.pruning_quality import evaluate_sparse
 from lichtenberg.callbacks import DynamicSparseTraining
 from lichtenberg.cli.data import MNIST1DDataModule
 from lichtenberg.cli.models import MLP
 from lichtenberg.core.schedules import SparsitySchedule
 from lichtenberg.core.sparsity import random_masks
-from lichtenberg.core.targets import Targets, select_targets
 
 __all__ = ["TASKS", "main", "run"]
 
@@ -171,37 +168,15 @@ def variants(quick: bool) -> dict[str, tuple[str, float, Callable]]:
     return out
 
 
-def sparsity_of(model: L.LightningModule) -> tuple[float, dict[str, float]]:
-    """Share of exact zeros over the target weights, overall and per layer (what the tested model holds)."""
-    params = select_targets(model, Targets()).params
-    per = {n: float((p == 0).sum()) / p.numel() for n, p in params.items()}
-    total = sum(float((p == 0).sum()) for p in params.values()) / sum(p.numel() for p in params.values())
-    return total, per
-
-
-@torch.no_grad()
-def train_accuracy(model: L.LightningModule, dm: L.LightningDataModule) -> float:
-    """Accuracy of the tested model (eval mode) on the training split it was fitted on."""
-    model.eval()
-    x, y = dm.train_set.tensors
-    return float(sum((model(xb).argmax(-1) == yb).sum() for xb, yb in zip(x.split(1024), y.split(1024)))) / len(y)
-
-
 def fit_and_test(task: str, seed: int, make: Callable, steps: int, every: int, quick: bool) -> dict[str, Any]:
     L.seed_everything(seed, verbose=False)
     model, dm = TASKS[task](seed, quick)
     callbacks = make(seed, every)
-    trainer = _trainer(max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks)
-    t0 = time.perf_counter()
     try:
-        trainer.fit(model, datamodule=dm)
+        trainer, fit_s = harness.fit(model, dm, callbacks, max_steps=steps)
     except Exception as exc:  # a crash is a result
-        return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200], "trace": traceback.format_exc()[-2000:]}
-    fit_s = time.perf_counter() - t0
-    (test,) = _trainer().test(model, datamodule=dm, verbose=False)  # no callbacks: tests what the module holds
-    total, per = sparsity_of(model)
-    out = {"fit_s": fit_s, "steps": trainer.global_step, "acc": float(test["test_acc"]), "loss": float(test["test_loss"]),
-           "train_acc": train_accuracy(model, dm), "sparsity": total, "layers": per}
+        return harness.crash_record(exc)
+    out = {"fit_s": fit_s, "steps": trainer.global_step, **evaluate_sparse(model, dm, chunk=1024)}
     for cb in callbacks:
         if isinstance(cb, DynamicSparseTraining):
             out.update(itop=cb.itop, ablated=cb.ablated, updates=cb._updates, last_churn=cb._churn)
@@ -351,7 +326,7 @@ def render(results: dict[str, Any]) -> str:
             err = f" (errors: {'; '.join(v['errors'])})" if v["errors"] else ""
             dense = name == "dense"
             rows.append([
-                name + err, _pm(v["acc"]), _pm(v["train_acc"]), "—" if dense else _pm(v["d_acc"]),
+                name + err, harness.pm(v["acc"]), harness.pm(v["train_acc"]), "—" if dense else harness.pm(v["d_acc"]),
                 "—" if dense else f"{harness.mean_std(v['sparsity'])[0]:.2%}",
                 "—" if not v["itop"] else f"{harness.mean_std(v['itop'])[0]:.3f}",
                 str(round(harness.mean_std(v["ablated"])[0], 1)) if v["family"] == "SRigL" and v["ablated"] else "—",
@@ -371,11 +346,7 @@ def render(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     tasks = results["tasks"]
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 3.8), squeeze=False)
     colors = {0.9: "tab:blue", 0.95: "tab:orange"}
@@ -406,15 +377,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 60 steps, one sparsity, docs untouched")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(THREADS)
-    harness.quiet_lightning()
-    t0 = time.perf_counter()
-    results = run(1 if args.quick and args.seeds == 3 else args.seeds, args.quick)
-    harness.publish("dst_quality", results, time.perf_counter() - t0, render, plot, "DST accuracy vs dense", args.quick)
+    # --quick runs one seed unless --seeds says otherwise (3, the default, counts as not saying).
+    harness.main("dst_quality", run, render, plot, "DST accuracy vs dense", argv, threads=THREADS,
+                 quick="60 steps, one sparsity", seeds=3, quick_seeds=lambda n: 1 if n == 3 else n)
 
 
 if __name__ == "__main__":

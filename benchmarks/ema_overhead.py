@@ -18,7 +18,6 @@ Run from the repository root: ``python -m benchmarks.ema_overhead`` (``--quick``
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import sys
@@ -41,7 +40,7 @@ from benchmarks import harness
 from lichtenberg.callbacks import EMA
 from lichtenberg.core.averaging import AveragedWeights
 
-__all__ = ["StepTimer", "main", "run"]
+__all__ = ["Regression", "StepTimer", "main", "mlp", "random_loader", "run", "tensor_bytes"]
 
 THREADS = 2
 DECAY = 0.999
@@ -90,7 +89,11 @@ class ForeachLerpFloor(Callback):
 
 
 class Regression(L.LightningModule):
-    """MSE on fixed random targets: the loss value is irrelevant, only the step's work is."""
+    """MSE on fixed random targets: the loss value is irrelevant, only the step's work is.
+
+    ``optimizer``: ``"adam"`` (``Adam(lr=1e-4)``), ``"adam_fused"`` (the same with ``fused=True``,
+    for ``pruning_overhead`` and ``dst_overhead``) or ``"sgd"`` (``SGD(lr=1e-3, momentum=0.9)``).
+    """
 
     def __init__(self, net: nn.Module, optimizer: str) -> None:
         super().__init__()
@@ -104,6 +107,8 @@ class Regression(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer == "sgd":
             return torch.optim.SGD(self.parameters(), lr=1e-3, momentum=0.9)
+        if self.optimizer == "adam_fused":
+            return torch.optim.Adam(self.parameters(), lr=1e-4, fused=True)
         return torch.optim.Adam(self.parameters(), lr=1e-4)
 
 
@@ -130,6 +135,16 @@ def model_specs(quick: bool) -> dict[str, dict[str, Any]]:
     }
 
 
+def random_loader(n: int, features: int, batch: int) -> DataLoader:
+    """``n`` random (input, target) pairs of ``features`` values each, drawn from a fixed seed, in order.
+
+    Also the data of ``pruning_overhead``, ``dst_overhead`` and ``qat_overhead``.
+    """
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(n, features, generator=g), torch.randn(n, features, generator=g))
+    return DataLoader(data, batch_size=batch, shuffle=False)
+
+
 def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -139,14 +154,8 @@ def fit_once(spec: dict[str, Any], loader: DataLoader, callback: Callback | None
     torch.manual_seed(0)
     module = Regression(spec["build"](), spec["optimizer"])
     timer = StepTimer(warmup)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
+    trainer = harness.trainer(
         max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
         callbacks=([callback] if callback is not None else []) + [timer],  # timer last
@@ -155,14 +164,7 @@ def fit_once(spec: dict[str, Any], loader: DataLoader, callback: Callback | None
     if callback is not None:
         # Time the averaging hook itself, in place: immune to the run-to-run drift of the
         # rest of the step. Lightning looks hooks up on the instance, so this wrapper is called.
-        hook = callback.on_train_batch_end
-
-        def timed_hook(*args: Any, **kwargs: Any) -> None:
-            t0 = time.perf_counter()
-            hook(*args, **kwargs)
-            hook_times.append(time.perf_counter() - t0)
-
-        callback.on_train_batch_end = timed_hook  # type: ignore[method-assign]
+        callback.on_train_batch_end = harness.timed(callback.on_train_batch_end, hook_times)  # type: ignore[method-assign]
     gc.collect()  # start every fit with the same garbage, not the previous fit's
     trainer.fit(module, loader)
     times = timer.step_times()
@@ -234,10 +236,8 @@ def run(quick: bool) -> dict[str, Any]:
         "models": {},
     }
     for name, spec in model_specs(quick).items():
-        g = torch.Generator().manual_seed(1)
-        n = steps * spec["batch"]  # one epoch covers the run: no epoch-boundary work in the steps
-        data = TensorDataset(torch.randn(n, spec["features"], generator=g), torch.randn(n, spec["features"], generator=g))
-        loader = DataLoader(data, batch_size=spec["batch"], shuffle=False)
+        # one epoch covers the run: no epoch-boundary work in the steps
+        loader = random_loader(steps * spec["batch"], spec["features"], spec["batch"])
         params = tensor_bytes(spec["build"]().parameters())
         n_tensors = len(list(spec["build"]().parameters()))
         disturbances: list[dict[str, Any]] = []
@@ -374,11 +374,7 @@ def render(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     names = list(results["models"])
     variants = ("EMA", "L-EMAWeightAveraging", "foreach-lerp floor")
     labels = {"EMA": "EMA (lichtenberg)", "L-EMAWeightAveraging": "Lightning EMAWeightAveraging"}
@@ -402,14 +398,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: small models, few steps, docs untouched")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(THREADS)
-    harness.quiet_lightning()
-    t0 = time.perf_counter()
-    results = run(args.quick)
-    harness.publish("ema_overhead", results, time.perf_counter() - t0, render, plot, "EMA step-time ratios", args.quick)
+    harness.main("ema_overhead", run, render, plot, "EMA step-time ratios", argv, threads=THREADS,
+                 quick="small models, few steps")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ raw numbers there too: ``benchmarks/out/`` is git-ignored.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -21,6 +22,7 @@ import shlex
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,19 +34,27 @@ __all__ = [
     "REPO_ROOT",
     "ForeignLoad",
     "command_line",
+    "crash_record",
+    "evaluate",
+    "fit",
     "header",
     "interleaved",
     "machine",
-    "publish",
-    "save_figure",
+    "main",
     "markdown_table",
     "mean_std",
     "median",
     "minor_faults",
     "pin_allocator",
+    "pm",
+    "publish",
+    "pyplot",
     "quantiles",
     "quiet_lightning",
     "ratio_table",
+    "save_figure",
+    "timed",
+    "trainer",
     "wait_for_quiet",
     "write_json",
     "write_section",
@@ -178,6 +188,23 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def timed(fn: Callable, sink: list[float]) -> Callable:
+    """``fn`` wrapped so that every call appends its seconds to ``sink``.
+
+    For timing a callback's hook or an engine method in place, inside the fits being measured:
+    Lightning and the engines look these up on the instance at call time, so assigning the
+    wrapper there is enough.
+    """
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        sink.append(time.perf_counter() - t0)
+        return out
+
+    return wrapper
+
+
 def quiet_lightning() -> None:
     """Silence Lightning's per-fit banners and the warnings every tiny in-memory run triggers."""
     import logging
@@ -187,6 +214,59 @@ def quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     for pattern in (".*does not have many workers.*", ".*GPU available but not used.*", ".*LeafSpec.*is deprecated.*"):
         warnings.filterwarnings("ignore", pattern)
+
+
+def trainer(**kwargs: Any) -> lightning.Trainer:
+    """A one-device CPU ``lightning.Trainer`` without logger, checkpoints, progress bar or model summary.
+
+    Args:
+        **kwargs: further ``Trainer`` arguments (``max_steps``, ``callbacks``, ...).
+    """
+    return lightning.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+def evaluate(model: lightning.LightningModule, dm: lightning.LightningDataModule) -> dict[str, float]:
+    """Test accuracy and loss of what ``model`` holds, on ``dm``'s test split.
+
+    A fresh trainer without callbacks runs the test, so it sees the module as training left it
+    (averaged weights, masks, fake-quant layers), not what a callback would swap in.
+    """
+    (out,) = trainer().test(model, datamodule=dm, verbose=False)
+    return {"acc": float(out["test_acc"]), "loss": float(out["test_loss"])}
+
+
+def fit(
+    model: lightning.LightningModule, dm: lightning.LightningDataModule, callbacks: list, **kwargs: Any
+) -> tuple[lightning.Trainer, float]:
+    """Train ``model`` on ``dm`` without validation; returns the trainer and the seconds ``Trainer.fit`` took.
+
+    Args:
+        model: the module to train.
+        dm: its data.
+        callbacks: the trainer's callbacks.
+        **kwargs: the length of the run (``max_epochs`` or ``max_steps``) and any further ``Trainer`` argument.
+    """
+    fitter = trainer(limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks, **kwargs)
+    t0 = time.perf_counter()
+    fitter.fit(model, datamodule=dm)
+    return fitter, time.perf_counter() - t0
+
+
+def crash_record(exc: BaseException) -> dict[str, str]:
+    """A run that raised, as a result: the first line of the error and the end of its traceback.
+
+    Call it inside the ``except`` block (the traceback is the one being handled). A peer that
+    crashes is a result to report in the table, not a reason to stop the benchmark.
+    """
+    return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200], "trace": traceback.format_exc()[-2000:]}
 
 
 def median(values: Sequence[float]) -> float:
@@ -205,6 +285,14 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     vals = [float(v) for v in values]
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def pm(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
+    """``"mean ± std"`` of ``values`` times ``scale`` (by default a share shown in %); "—" if empty."""
+    if not values:
+        return "—"
+    m, sd = mean_std([v * scale for v in values])
+    return f"{m:.{digits}f} ± {sd:.{digits}f}"
 
 
 def ratio_table(results: Mapping[str, Sequence[float]], baseline: str) -> list[dict[str, Any]]:
@@ -360,6 +448,65 @@ def publish(name: str, results: dict, runtime_s: float, render, plot, alt: str, 
     print(markdown)
     write_json(name, results)
     print(f"[{name}] wrote {write_section(name, markdown, data=results)} in {runtime_s:.0f} s")
+
+
+def main(
+    name: str,
+    run: Callable[..., dict],
+    render: Callable[[dict], str],
+    plot: Callable[[dict, Path], None],
+    alt: str,
+    argv: Sequence[str] | None = None,
+    *,
+    quick: str,
+    threads: int,
+    seeds: int | None = None,
+    quick_seeds: Callable[[int], int] | None = None,
+    seeds_help: str | None = None,
+) -> None:
+    """A benchmark's command line: parse ``--quick`` (and ``--seeds``), run, time and ``publish``.
+
+    The description is the first paragraph of the docstring of the module that defines ``run``
+    (``__main__`` included).
+
+    Args:
+        name: the benchmark's name, as for ``publish``.
+        run: ``run(quick)``, or ``run(seeds, quick)`` where the benchmark takes ``--seeds``.
+        render: as for ``publish``.
+        plot: as for ``publish``.
+        alt: as for ``publish``.
+        argv: the arguments; None reads ``sys.argv``.
+        quick: what ``--quick`` shrinks, for its help ("smoke run: QUICK, docs untouched").
+        threads: torch threads for the run.
+        seeds: the default of ``--seeds N`` (seeds 0..N-1); None: the benchmark has no ``--seeds``.
+        quick_seeds: how many seeds a ``--quick`` run uses, given ``--seeds`` (default: as many).
+        seeds_help: the help of ``--seeds``, where the default one does not say enough.
+    """
+    doc = sys.modules[run.__module__].__doc__ or ""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    if seeds is not None:
+        parser.add_argument("--seeds", type=int, default=seeds, help=seeds_help or f"seeds 0..N-1 (default {seeds})")
+    parser.add_argument("--quick", action="store_true", help=f"smoke run: {quick}, docs untouched")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(threads)
+    quiet_lightning()
+    t0 = time.perf_counter()
+    if seeds is None:
+        results = run(args.quick)
+    else:
+        n = quick_seeds(args.seeds) if args.quick and quick_seeds is not None else args.seeds
+        results = run(n, args.quick)
+    publish(name, results, time.perf_counter() - t0, render, plot, alt, args.quick)
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (no display needed), imported only when a plot is drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save_figure(fig, path: Path) -> None:

@@ -37,7 +37,6 @@ Run from the repository root: ``python -m benchmarks.pruning_overhead`` (``--qui
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import sys
@@ -54,10 +53,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelPruning
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from benchmarks import harness
-from benchmarks.ema_overhead import Regression, mlp, tensor_bytes
+from benchmarks.ema_overhead import Regression, mlp, random_loader, tensor_bytes
 from lichtenberg.callbacks import GradualPruning
 from lichtenberg.core.schedules import SparsitySchedule
 from lichtenberg.core.sparsity import MaskEngine, topk_mask
@@ -70,25 +69,6 @@ MAX_FOREIGN = 0.1
 OURS, THEIRS = "GradualPruning", "L-ModelPruning"
 PHASES = ("forward+backward", "mask_grads_", "Adam step", "apply_", "float-mask mul (ref.)")
 FUSED = ", fused Adam"  # suffix of the variants / setups with torch.optim.Adam(fused=True) (added later)
-
-
-class Module(Regression):
-    """``Regression`` whose Adam can be the fused one (``optimizer="adam_fused"``)."""
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.optimizer == "adam_fused":
-            return torch.optim.Adam(self.parameters(), lr=1e-4, fused=True)
-        return super().configure_optimizers()
-
-
-def _timed(fn: Callable, sink: list[float]) -> Callable:
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        out = fn(*args, **kwargs)
-        sink.append(time.perf_counter() - t0)
-        return out
-
-    return wrapper
 
 
 class Probe(Callback):
@@ -110,11 +90,11 @@ class Probe(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         p = self.pruner
         if isinstance(p, GradualPruning):  # the optimizer post-hook looks engine.apply_ up at call time
-            p.engine.mask_grads_ = _timed(p.engine.mask_grads_, self.hook["mask_grads_"])
-            p.engine.apply_ = _timed(p.engine.apply_, self.hook["apply_"])
-            p._update = _timed(p._update, self.hook["event"])
+            p.engine.mask_grads_ = harness.timed(p.engine.mask_grads_, self.hook["mask_grads_"])
+            p.engine.apply_ = harness.timed(p.engine.apply_, self.hook["apply_"])
+            p._update = harness.timed(p._update, self.hook["event"])
         elif isinstance(p, ModelPruning):
-            p.apply_pruning = _timed(p.apply_pruning, self.hook["event"])
+            p.apply_pruning = harness.timed(p.apply_pruning, self.hook["event"])
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if isinstance(self.pruner, ModelPruning):
@@ -167,14 +147,11 @@ class Probe(Callback):
 
 def fit_once(build: Callable, loader: DataLoader, make: Callable, steps: int, warmup: int, optimizer: str) -> dict:
     torch.manual_seed(0)
-    module = Module(build(), optimizer)
+    module = Regression(build(), optimizer)
     pruner = make()
     probe = Probe(pruner, steps - 1)
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-        callbacks=([pruner] if pruner is not None else []) + [probe],
-    )
+    trainer = harness.trainer(max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0,
+                              callbacks=([pruner] if pruner is not None else []) + [probe])
     gc.collect()
     trainer.fit(module, loader)
     steady, every = probe.step_times(warmup)
@@ -221,9 +198,7 @@ def _by_baseline(values: dict[str, list[float]]) -> list[dict[str, Any]]:
 
 
 def measure(width: int, steps: int, epoch: int, warmup: int, repeats: int, make: dict) -> dict[str, Any]:
-    g = torch.Generator().manual_seed(1)
-    data = TensorDataset(torch.randn(epoch * 128, width, generator=g), torch.randn(epoch * 128, width, generator=g))
-    loader = DataLoader(data, batch_size=128, shuffle=False)
+    loader = random_loader(epoch * 128, width, 128)  # one epoch's data, seen again every epoch
     log: list[dict] = []
     extras: dict[str, list[dict]] = {}
 
@@ -305,6 +280,7 @@ def decompose(width: int, repeats: int, iters: int = 12) -> dict[str, dict[str, 
 
 
 def run(quick: bool) -> dict[str, Any]:
+    warnings.filterwarnings("ignore", ".*slow path on the exact zeros.*")  # the default-Adam rows mean to take it
     pinned = harness.pin_allocator()
     width = 256 if quick else 1024
     (r_a, r_b, r_d), (steps_b, epoch_b) = ((2, 1, 2), (100, 20)) if quick else ((16, 4, 8), (300, 50))
@@ -441,11 +417,7 @@ def render(res: dict[str, Any]) -> str:
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     a = res["between"]
     groups = [("(a) between events\ndefault Adam", a["rows"], ""), ("(a) between events\nfused Adam", a["rows"], FUSED),
               ("(b) gradual, amortised\ndefault Adam", res["gradual"]["mean_rows"], "")]
@@ -469,15 +441,8 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: small model, few fits, docs untouched")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(THREADS)
-    harness.quiet_lightning()
-    warnings.filterwarnings("ignore", ".*slow path on the exact zeros.*")  # the default-Adam rows mean to take it
-    t0 = time.perf_counter()
-    res = run(args.quick)
-    harness.publish("pruning_overhead", res, time.perf_counter() - t0, render, plot, "pruning step-time ratios", args.quick)
+    harness.main("pruning_overhead", run, render, plot, "pruning step-time ratios", argv, threads=THREADS,
+                 quick="small model, few fits")
 
 
 if __name__ == "__main__":

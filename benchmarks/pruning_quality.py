@@ -38,11 +38,9 @@ Run from the repository root: ``python -m benchmarks.pruning_quality [--seeds 3]
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,14 +58,13 @@ import torch
 from lightning.pytorch.callbacks import ModelPruning
 
 from benchmarks import harness
-from benchmarks.averaging_quality import _pm, _trainer
 from lichtenberg.callbacks import GradualPruning
 from lichtenberg.cli.data import DigitsDataModule, MNIST1DDataModule
 from lichtenberg.cli.models import MLP, SmallCNN
 from lichtenberg.core.schedules import SparsitySchedule
 from lichtenberg.core.targets import Targets, select_targets
 
-__all__ = ["TASKS", "main", "run"]
+__all__ = ["TASKS", "digits_task", "evaluate_sparse", "main", "mnist1d_task", "run", "sparsity_of", "train_accuracy"]
 
 THREADS = 2
 LR, BATCH, EPOCHS = 1e-3, 64, 30  # Adam, cosine annealing to 0 over the run
@@ -80,11 +77,13 @@ TARGET_ALLOCATION = "lamp"  # `gradual 90% lamp` on every task
 WIDE_HIDDEN = [1024, 1024]  # the over-parameterised MNIST-1D task; it runs the TARGET variants only
 
 
-def _digits(seed: int, quick: bool) -> tuple[L.LightningModule, L.LightningDataModule]:
+def digits_task(seed: int, quick: bool) -> tuple[L.LightningModule, L.LightningDataModule]:
+    """``SmallCNN(channels=32)`` on digits, Adam with the cosine LR (``qat_quality`` trains the same)."""
     return SmallCNN(channels=32, lr=LR, optimizer="adam", scheduler="cosine"), DigitsDataModule(batch_size=BATCH, seed=seed)
 
 
-def _mnist1d(seed: int, quick: bool) -> tuple[L.LightningModule, L.LightningDataModule]:
+def mnist1d_task(seed: int, quick: bool) -> tuple[L.LightningModule, L.LightningDataModule]:
+    """``MLP(40 -> 256 -> 256 -> 10)`` on MNIST-1D, Adam with the cosine LR (``qat_quality`` trains the same)."""
     model = MLP(in_features=40, hidden=[256, 256], lr=LR, optimizer="adam", scheduler="cosine")
     return model, MNIST1DDataModule(num_samples=1000 if quick else 4000, batch_size=BATCH, seed=seed)
 
@@ -94,7 +93,8 @@ def _mnist1d_wide(seed: int, quick: bool) -> tuple[L.LightningModule, L.Lightnin
     return model, MNIST1DDataModule(num_samples=1000 if quick else 4000, batch_size=BATCH, seed=seed)
 
 
-TASKS: dict[str, Callable] = {"digits SmallCNN": _digits, "MNIST-1D MLP": _mnist1d, "MNIST-1D wide MLP": _mnist1d_wide}
+TASKS: dict[str, Callable] = {"digits SmallCNN": digits_task, "MNIST-1D MLP": mnist1d_task,
+                              "MNIST-1D wide MLP": _mnist1d_wide}
 ADDED_TASKS = ("MNIST-1D wide MLP",)  # added after the first full run
 
 
@@ -143,28 +143,29 @@ def sparsity_of(model: L.LightningModule) -> tuple[float, dict[str, float]]:
 
 
 @torch.no_grad()
-def train_accuracy(model: L.LightningModule, dm: L.LightningDataModule) -> float:
-    """Accuracy of the tested model (eval mode) on the training split it was fitted on."""
+def train_accuracy(model: L.LightningModule, dm: L.LightningDataModule, chunk: int = 512) -> float:
+    """Accuracy of the tested model (eval mode) on the training split it was fitted on, ``chunk`` samples a forward."""
     model.eval()
     x, y = dm.train_set.tensors
-    return float(sum((model(xb).argmax(-1) == yb).sum() for xb, yb in zip(x.split(512), y.split(512)))) / len(y)
+    return float(sum((model(xb).argmax(-1) == yb).sum() for xb, yb in zip(x.split(chunk), y.split(chunk)))) / len(y)
+
+
+def evaluate_sparse(model: L.LightningModule, dm: L.LightningDataModule, chunk: int = 512) -> dict[str, Any]:
+    """Test accuracy and loss, train accuracy and sparsity (overall and per layer) of what the module holds."""
+    out: dict[str, Any] = harness.evaluate(model, dm)
+    total, per = sparsity_of(model)
+    return {**out, "train_acc": train_accuracy(model, dm, chunk), "sparsity": total, "layers": per}
 
 
 def fit_and_test(task: str, seed: int, make: Callable, epochs: int, quick: bool) -> dict[str, Any]:
     L.seed_everything(seed, verbose=False)
     model, dm = TASKS[task](seed, quick)
     callbacks = make(model, epochs)
-    trainer = _trainer(max_epochs=epochs, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks)
-    t0 = time.perf_counter()
     try:
-        trainer.fit(model, datamodule=dm)
+        trainer, fit_s = harness.fit(model, dm, callbacks, max_epochs=epochs)
     except Exception as exc:  # a crash is a result
-        return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200], "trace": traceback.format_exc()[-2000:]}
-    fit_s = time.perf_counter() - t0
-    (test,) = _trainer().test(model, datamodule=dm, verbose=False)  # no callbacks: tests what the module holds
-    total, per = sparsity_of(model)
-    out = {"fit_s": fit_s, "steps": trainer.global_step, "acc": float(test["test_acc"]), "loss": float(test["test_loss"]),
-           "train_acc": train_accuracy(model, dm), "sparsity": total, "layers": per}
+        return harness.crash_record(exc)
+    out = {"fit_s": fit_s, "steps": trainer.global_step, **evaluate_sparse(model, dm)}
     for cb in callbacks:
         if isinstance(cb, GradualPruning):
             out["mask_sparsity"] = cb.engine.sparsity_report()[1]
@@ -269,8 +270,8 @@ def render(results: dict[str, Any]) -> str:
             err = f" (errors: {'; '.join(v['errors'])})" if v["errors"] else ""
             dense = name == "dense"
             rows.append([
-                name + err, _pm(v["acc"]), _pm(v["train_acc"]) if v.get("train_acc") else "—",
-                "—" if dense else _pm(v["d_acc"]),
+                name + err, harness.pm(v["acc"]), harness.pm(v["train_acc"]) if v.get("train_acc") else "—",
+                "—" if dense else harness.pm(v["d_acc"]),
                 "—" if dense else f"{harness.mean_std(v['sparsity'])[0]:.2%}",
                 "—" if dense else f"{harness.mean_std(v['first_layer'])[0]:.1%}",
                 "—" if dense else f"{max(v['max_layer']):.1%}",
@@ -286,11 +287,7 @@ def render(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     tasks = results["tasks"]
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.6), squeeze=False)
     for ax, (task, t) in zip(axes[0], tasks.items()):
@@ -319,15 +316,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 epochs, few variants, docs untouched")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(THREADS)
-    harness.quiet_lightning()
-    t0 = time.perf_counter()
-    results = run(args.seeds, args.quick)
-    harness.publish("pruning_quality", results, time.perf_counter() - t0, render, plot, "accuracy vs sparsity", args.quick)
+    harness.main("pruning_quality", run, render, plot, "accuracy vs sparsity", argv, threads=THREADS,
+                 quick="2 epochs, few variants", seeds=3)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ Run from the repository root: ``python -m benchmarks.qat_overhead`` (``--quick``
 
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import io
@@ -45,20 +44,19 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks import harness
-from benchmarks.ema_overhead import Regression, StepTimer
+from benchmarks.ema_overhead import Regression, StepTimer, random_loader
 from lichtenberg.callbacks import QuantizationAwareTraining
 from lichtenberg.cli.data import DigitsDataModule
 from lichtenberg.cli.models import SmallCNN
 from lichtenberg.core.quantization import export_int, packed_bytes, quant_modules, to_int8_cpu_, unprepare_
 
-__all__ = ["main", "run"]
+__all__ = ["attach", "main", "run"]
 
 THREADS = 2
 MAX_FOREIGN = 0.1  # share of the 2 CPUs other processes may use during a kept round
@@ -128,15 +126,13 @@ def model_specs(quick: bool) -> dict[str, dict[str, Any]]:
 def loader_for(spec: dict[str, Any], steps: int) -> DataLoader:
     """One epoch covers the run (no epoch-boundary work among the steps); no shuffle."""
     n = steps * spec["batch"]
-    if spec["data"] == "digits":
-        dm = DigitsDataModule(batch_size=spec["batch"], seed=0)
-        dm.setup()
-        x, y = dm.train_set.tensors
-        reps = -(-n // len(y))
-        data = TensorDataset(x.repeat(reps, 1, 1, 1)[:n], y.repeat(reps)[:n])
-    else:
-        g = torch.Generator().manual_seed(1)
-        data = TensorDataset(torch.randn(n, spec["data"], generator=g), torch.randn(n, spec["data"], generator=g))
+    if spec["data"] != "digits":
+        return random_loader(n, spec["data"], spec["batch"])
+    dm = DigitsDataModule(batch_size=spec["batch"], seed=0)
+    dm.setup()
+    x, y = dm.train_set.tensors
+    reps = -(-n // len(y))
+    data = TensorDataset(x.repeat(reps, 1, 1, 1)[:n], y.repeat(reps)[:n])
     return DataLoader(data, batch_size=spec["batch"], shuffle=False)
 
 
@@ -163,11 +159,8 @@ def fit_once(spec: dict[str, Any], loader: DataLoader, make: Callable, transform
         transform(module)
     callback = make()
     timer = StepTimer(warmup)
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-        callbacks=([callback] if callback is not None else []) + [timer],  # timer last
-    )
+    trainer = harness.trainer(max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0,
+                              callbacks=([callback] if callback is not None else []) + [timer])  # timer last
     gc.collect()
     trainer.fit(module, loader)
     times = timer.step_times()
@@ -206,9 +199,11 @@ def measure_steps(quick: bool, torchao_ok: bool) -> dict[str, Any]:
 
 
 def attach(model: nn.Module, **qat: Any) -> None:
-    """The callback's own layer swap and quantizers on a bare module, enabled (as at ``start_step``)."""
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)  # setup only reads its strategy
+    """The callback's own layer swap and quantizers on a bare module, enabled (as at ``start_step``).
+
+    Also ``qat_quality``'s post-training quantization.
+    """
+    trainer = harness.trainer()  # setup only reads its strategy
     QuantizationAwareTraining(**qat).setup(trainer, model, "fit")  # type: ignore[arg-type]
     for m in quant_modules(model).values():
         m.weight_quantizer.enabled = True
@@ -263,12 +258,9 @@ def qat_fit(width: int, layers: int, steps: int, **qat: Any) -> Regression:
     """A short QAT fit of the wide MLP on random regression data (the weights only need to be trained)."""
     torch.manual_seed(0)
     module = Regression(mlp(width, layers), "adam")
-    g = torch.Generator().manual_seed(1)
-    data = TensorDataset(torch.randn(steps * 64, width, generator=g), torch.randn(steps * 64, width, generator=g))
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, callbacks=[QuantizationAwareTraining(**qat)])
-    trainer.fit(module, DataLoader(data, batch_size=64))
+    trainer = harness.trainer(max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0,
+                              callbacks=[QuantizationAwareTraining(**qat)])
+    trainer.fit(module, random_loader(steps * 64, width, 64))
     return module.eval()
 
 
@@ -478,11 +470,7 @@ COLORS = {"W8A8": "tab:blue", "W8A8 minmax": "tab:cyan", "W4A8": "tab:green", "W
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     a, d = res["steps"], res["deploy"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
     names = list(a["models"])
@@ -518,15 +506,8 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: small models, few fits, docs untouched")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(THREADS)
-    harness.quiet_lightning()
-    t0 = time.perf_counter()
-    res = run(args.quick)
-    harness.publish("qat_overhead", res, time.perf_counter() - t0, render, plot, "QAT step-time ratios and int8 speed-up",
-                    args.quick)
+    harness.main("qat_overhead", run, render, plot, "QAT step-time ratios and int8 speed-up", argv, threads=THREADS,
+                 quick="small models, few fits")
 
 
 if __name__ == "__main__":

@@ -25,12 +25,10 @@ Run from the repository root: ``python -m benchmarks.qat_quality [--seeds 3] [--
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,16 +45,17 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import harness
-from benchmarks.averaging_quality import _pm, _trainer
+from benchmarks.pruning_quality import BATCH, EPOCHS, LR, digits_task, mnist1d_task
+from benchmarks.qat_overhead import attach
 from lichtenberg.callbacks import QuantizationAwareTraining
-from lichtenberg.cli.data import CharTextDataModule, DigitsDataModule, MNIST1DDataModule
-from lichtenberg.cli.models import MLP, SmallCNN, TinyTransformerLM
+from lichtenberg.cli.data import CharTextDataModule
+from lichtenberg.cli.models import TinyTransformerLM
 from lichtenberg.core.quantization import quant_modules
 
 __all__ = ["TASKS", "main", "run"]
 
 THREADS = 2
-LR, BATCH, EPOCHS = 1e-3, 64, 30  # digits / MNIST-1D: Adam, cosine LR to 0 (as pruning_quality)
+# digits / MNIST-1D: pruning_quality's two tasks and its LR, BATCH, EPOCHS (Adam, cosine LR to 0), imported above
 LM_LR, LM_BATCH, LM_EPOCHS = 3e-3, 32, 5  # char LM: Adam, cosine LR to 0
 LM_CHARS, LM_CONTEXT = 200_000, 64  # 2,770 train / 308 val windows of 64 characters
 START = 0.1  # quantization starts after 10% of training in float (every QAT variant)
@@ -96,15 +95,6 @@ QUICK_VARIANTS = ("FP32", "W4A8", "W2A8 stat", "binary A8 (ReSTE)")
 QUICK_PTQ = ("PTQ W4A8",)
 
 
-def _digits(seed: int, quick: bool) -> tuple[L.LightningModule, L.LightningDataModule]:
-    return SmallCNN(channels=32, lr=LR, optimizer="adam", scheduler="cosine"), DigitsDataModule(batch_size=BATCH, seed=seed)
-
-
-def _mnist1d(seed: int, quick: bool) -> tuple[L.LightningModule, L.LightningDataModule]:
-    model = MLP(in_features=40, hidden=[256, 256], lr=LR, optimizer="adam", scheduler="cosine")
-    return model, MNIST1DDataModule(num_samples=1000 if quick else 4000, batch_size=BATCH, seed=seed)
-
-
 def _charlm(seed: int, quick: bool) -> tuple[L.LightningModule, L.LightningDataModule]:
     model = TinyTransformerLM(context_length=LM_CONTEXT, d_model=64, n_layers=2, n_heads=4, lr=LM_LR, optimizer="adam",
                               scheduler="cosine")
@@ -115,8 +105,8 @@ def _charlm(seed: int, quick: bool) -> tuple[L.LightningModule, L.LightningDataM
 
 # name -> (builder, epochs, language model?)
 TASKS: dict[str, tuple[Callable, int, bool]] = {
-    "digits SmallCNN": (_digits, EPOCHS, False),
-    "MNIST-1D MLP": (_mnist1d, EPOCHS, False),
+    "digits SmallCNN": (digits_task, EPOCHS, False),
+    "MNIST-1D MLP": (mnist1d_task, EPOCHS, False),
     "char LM (TinyTransformerLM)": (_charlm, LM_EPOCHS, True),
 }
 
@@ -148,23 +138,7 @@ def evaluate(model: L.LightningModule, dm: L.LightningDataModule, lm: bool) -> d
     """Test what the module holds (the fake-quant model, quantizers as training left them)."""
     if lm:
         return _lm_eval(model, dm)
-    (out,) = _trainer().test(model, datamodule=dm, verbose=False)  # no callbacks
-    return {"acc": float(out["test_acc"]), "loss": float(out["test_loss"])}
-
-
-def attach_ptq(model: L.LightningModule, kwargs: dict[str, Any]) -> int:
-    """Post-training quantization: the callback's own layer swap and quantizers, enabled, no training.
-
-    ``setup`` gets an unused trainer (it only checks its strategy); enabling every quantizer is
-    what the callback does at ``start_step``. Returns the number of quantized layers.
-    """
-    QuantizationAwareTraining(**kwargs).setup(_trainer(), model, "test")
-    layers = quant_modules(model)
-    for m in layers.values():
-        m.weight_quantizer.enabled = True
-        if m.input_quantizer is not None:
-            m.input_quantizer.enabled = True
-    return len(layers)
+    return harness.evaluate(model, dm)
 
 
 def fit_and_test(task: str, seed: int, name: str, epochs: int, quick: bool) -> dict[str, Any]:
@@ -173,13 +147,11 @@ def fit_and_test(task: str, seed: int, name: str, epochs: int, quick: bool) -> d
     model, dm = build(seed, quick)
     kwargs = QAT[name]
     callbacks = [] if kwargs is None else [QuantizationAwareTraining(start_step=START, **kwargs)]
-    trainer = _trainer(max_epochs=epochs, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks)
-    t0 = time.perf_counter()
     try:
-        trainer.fit(model, datamodule=dm)
+        trainer, fit_s = harness.fit(model, dm, callbacks, max_epochs=epochs)
     except Exception as exc:  # a crash is a result
-        return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200], "trace": traceback.format_exc()[-2000:]}
-    out: dict[str, Any] = {"fit_s": time.perf_counter() - t0, "steps": trainer.global_step, **evaluate(model, dm, lm)}
+        return harness.crash_record(exc)
+    out: dict[str, Any] = {"fit_s": fit_s, "steps": trainer.global_step, **evaluate(model, dm, lm)}
     if callbacks:
         out["layers"] = len(quant_modules(model))
         out.update({f"weights_{k}": v for k, v in callbacks[0].statistics().items()})  # tracked rows only
@@ -194,10 +166,11 @@ def ptq_and_test(task: str, seed: int, name: str, fp32: dict[str, torch.Tensor],
     model.load_state_dict(fp32)  # a fresh copy of this seed's trained FP32 model
     t0 = time.perf_counter()
     try:
-        layers = attach_ptq(model, PTQ[name][0])
+        attach(model, **PTQ[name][0])  # post-training quantization: QAT's layer swap and quantizers, no training
+        layers = len(quant_modules(model))
         out = evaluate(model, dm, TASKS[task][2])
     except Exception as exc:
-        return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200], "trace": traceback.format_exc()[-2000:]}
+        return harness.crash_record(exc)
     return {"fit_s": time.perf_counter() - t0, "layers": layers, **out}
 
 
@@ -289,7 +262,7 @@ def targets(task: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
 
 
 def _pp(values: list[float]) -> str:
-    return _pm(values) if values else "—"
+    return harness.pm(values) if values else "—"
 
 
 def render(results: dict[str, Any]) -> str:
@@ -338,8 +311,8 @@ def render(results: dict[str, Any]) -> str:
             first = name == "FP32"
             osc = f"{_mean(v['osc']):.2f}%" if v["osc"] else "—"
             rows.append([
-                name + err, _pm(v["acc"]), "—" if first else _pp(v["d_acc"]), _pm(v["loss"], 1.0, 3),
-                "—" if first else _pm(v["d_loss"], 1.0, 3), osc,
+                name + err, harness.pm(v["acc"]), "—" if first else _pp(v["d_acc"]), harness.pm(v["loss"], 1.0, 3),
+                "—" if first else harness.pm(v["d_loss"], 1.0, 3), osc,
                 "—" if name.startswith("PTQ") else f"{harness.mean_std(v['fit_s'])[0]:.1f}",
             ])
         lines.append(harness.markdown_table(
@@ -355,7 +328,7 @@ def render(results: dict[str, Any]) -> str:
                 d_acc = _paired(t["runs"][a], t["runs"][b], "acc")
                 d_loss = _paired(t["runs"][a], t["runs"][b], "loss")
                 if d_acc:
-                    comparisons.append([f"{a} − {b}", _pm(d_acc), _pm(d_loss, 1.0, 3)])
+                    comparisons.append([f"{a} − {b}", harness.pm(d_acc), harness.pm(d_loss, 1.0, 3)])
         if comparisons:
             lines += ["", "Paired comparisons (same seed):", "",
                       harness.markdown_table(["comparison", f"Δ {acc_label[:-2]} (pp)", f"Δ {loss_label}"], comparisons)]
@@ -363,11 +336,7 @@ def render(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     tasks = results["tasks"]
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.0 * len(tasks), 4.6), squeeze=False)
     for ax, (task, t) in zip(axes[0], tasks.items()):
@@ -396,15 +365,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3; --quick: 2)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 1 epoch, few variants, docs untouched")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(THREADS)
-    harness.quiet_lightning()
-    t0 = time.perf_counter()
-    results = run(min(args.seeds, 2) if args.quick else args.seeds, args.quick)
-    harness.publish("qat_quality", results, time.perf_counter() - t0, render, plot, "Δ accuracy vs FP32", args.quick)
+    harness.main("qat_quality", run, render, plot, "Δ accuracy vs FP32", argv, threads=THREADS,
+                 quick="2 seeds, 1 epoch, few variants", seeds=3, quick_seeds=lambda n: min(n, 2),
+                 seeds_help="seeds 0..N-1 (default 3; --quick: 2)")
 
 
 if __name__ == "__main__":

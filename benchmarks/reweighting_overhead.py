@@ -26,7 +26,6 @@ Run from the repository root: ``python -m benchmarks.reweighting_overhead`` (``-
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import sys
@@ -152,9 +151,8 @@ def fit_once(spec: dict[str, Any], loader: DataLoader, name: str, epochs: int, w
     module = spec["build"](name == FLOOR)
     callback = variants()[name]()
     probe = Probe(callback)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, callbacks=([callback] if callback else []) + [probe])
+    trainer = harness.trainer(max_epochs=epochs, limit_val_batches=0, num_sanity_val_steps=0,
+                              callbacks=([callback] if callback else []) + [probe])
     gc.collect()
     t0 = time.perf_counter()
     trainer.fit(module, loader)
@@ -298,11 +296,7 @@ def render(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     names = list(results["models"])
     vs = (RW, RW_NOLOG, FLOOR, DP)
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
@@ -325,15 +319,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: few steps, one fit per variant, docs untouched")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(THREADS)
-    harness.quiet_lightning()
-    t0 = time.perf_counter()
-    results = run(args.quick)
-    harness.publish("reweighting_overhead", results, time.perf_counter() - t0, render, plot,
-                    "reweighting / data pruning step-time ratios", args.quick)
+    harness.main("reweighting_overhead", run, render, plot, "reweighting / data pruning step-time ratios", argv,
+                 threads=THREADS, quick="few steps, one fit per variant")
 
 
 if __name__ == "__main__":

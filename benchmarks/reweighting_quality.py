@@ -27,11 +27,9 @@ Run from the repository root: ``python -m benchmarks.reweighting_quality [--seed
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,7 +43,6 @@ import torch
 from torch.utils.data import TensorDataset
 
 from benchmarks import harness
-from benchmarks.averaging_quality import _pm, _trainer
 from lichtenberg.callbacks import SampleReweighting
 from lichtenberg.cli.data import DigitsDataModule, MNIST1DDataModule
 from lichtenberg.cli.models import MLP, SmallCNN
@@ -182,16 +179,12 @@ def fit_and_test(task: str, setting: str, rule: str, seed: int, epochs: int, qui
     steps = math.ceil(len(dm.train_set) / BATCH) * epochs
     warmup = round(WARMUP_SHARE * steps)
     callbacks = make_callbacks(rule, warmup)
-    trainer = _trainer(max_epochs=epochs, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks)
-    t0 = time.perf_counter()
     try:
-        trainer.fit(model, datamodule=dm)
+        trainer, fit_s = harness.fit(model, dm, callbacks, max_epochs=epochs)
     except Exception as exc:  # a crash is a result
-        return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200], "trace": traceback.format_exc()[-2000:]}
-    fit_s = time.perf_counter() - t0
-    (test,) = _trainer().test(model, datamodule=dm, verbose=False)  # clean test labels, no callbacks
-    out = {"fit_s": fit_s, "steps": trainer.global_step, "warmup_steps": warmup, "n_train": len(dm.train_set),
-           "acc": float(test["test_acc"]), "loss": float(test["test_loss"]), **_train_fit(model, dm)}
+        return harness.crash_record(exc)
+    out = {"fit_s": fit_s, "steps": trainer.global_step, "warmup_steps": warmup,
+           "n_train": len(dm.train_set), **harness.evaluate(model, dm), **_train_fit(model, dm)}  # clean test labels
     ess = trainer.callback_metrics.get("reweight/ess")
     if isinstance(ess, torch.Tensor):
         out["last_ess"] = float(ess)
@@ -300,8 +293,8 @@ def render(results: dict[str, Any]) -> str:
             lines += ["", f"### {task}, {setting}", ""]
             rows = []
             if clean and clean["acc"]:
-                rows.append(["uniform on clean data (reference)", _pm(clean["acc"]), "—", "—", "—",
-                             _pm(clean["train_acc"]), "—", "—"])
+                rows.append(["uniform on clean data (reference)", harness.pm(clean["acc"]), "—", "—", "—",
+                             harness.pm(clean["train_acc"]), "—", "—"])
             for rule, v in summ.items():
                 if not v["acc"]:
                     rows.append([rule, f"**error:** {'; '.join(v['errors'])}", "", "", "", "", "", ""])
@@ -310,12 +303,12 @@ def render(results: dict[str, Any]) -> str:
                 base = rule == "uniform"
                 rows.append([
                     ("uniform (baseline)" if base else rule) + err,
-                    _pm(v["acc"]),
-                    "—" if base else _pm(v["d_acc"]),
+                    harness.pm(v["acc"]),
+                    "—" if base else harness.pm(v["d_acc"]),
                     "—" if base else f"{sum(d > 0 for d in v['d_acc'])}/{len(v['d_acc'])}",
                     "—" if base else (f"**{v['verdict']}**" if v["verdict"] in ("helps", "hurts") else v["verdict"]),
-                    _pm(v["train_acc"]),
-                    _pm(v["noisy_memorised"]) if v["noisy_memorised"] else "—",
+                    harness.pm(v["train_acc"]),
+                    harness.pm(v["noisy_memorised"]) if v["noisy_memorised"] else "—",
                     f"{harness.mean_std(v['last_ess'])[0]:.2f}" if v["last_ess"] else "—",
                 ])
             lines.append(harness.markdown_table(
@@ -335,11 +328,7 @@ def render(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     panels = [(task, setting, t) for task, ss in results["tasks"].items() for setting, t in ss.items() if setting != "clean"]
     cols = 2
     rows_n = math.ceil(len(panels) / cols)
@@ -363,16 +352,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 epoch, 3 rules, small data, docs untouched")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(THREADS)
-    harness.quiet_lightning()
-    t0 = time.perf_counter()
-    results = run(1 if args.quick else args.seeds, args.quick)
-    harness.publish("reweighting_quality", results, time.perf_counter() - t0, render, plot,
-                    "Δ accuracy of each reweighting rule vs uniform", args.quick)
+    harness.main("reweighting_quality", run, render, plot, "Δ accuracy of each reweighting rule vs uniform", argv,
+                 threads=THREADS, quick="1 seed, 1 epoch, 3 rules, small data", seeds=3, quick_seeds=lambda n: 1)
 
 
 if __name__ == "__main__":
