@@ -117,6 +117,12 @@ class Counter(Callback):
         if trainer.world_size > 1:
             torch.set_num_threads(max(1, THREADS // trainer.world_size))  # 2 processes share the 2 cores
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.t0 = time.perf_counter()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.train_s = time.perf_counter() - self.t0
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         x = batch[0]
         self.per_epoch[trainer.current_epoch] = self.per_epoch.get(trainer.current_epoch, 0) + int(x.shape[0])
@@ -125,6 +131,7 @@ class Counter(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.folder is not None:
             out = {"rank": trainer.global_rank, "steps": trainer.global_step, "batches": self.batches,
+                   "train_s": self.train_s,
                    "per_epoch": [self.per_epoch.get(e, 0) for e in range(trainer.current_epoch)]}
             Path(self.folder, f"rank{trainer.global_rank}.json").write_text(json.dumps(out))
 
@@ -230,7 +237,9 @@ def _ddp_fit(make_dm: Callable[[], L.LightningDataModule], callbacks: list[Callb
         except Exception as exc:
             return harness.crash_record(exc)
         ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(2)]
-    return {"fit_s": time.perf_counter() - t0, "ranks": ranks}
+    fit_s = time.perf_counter() - t0
+    (test,) = harness.trainer().test(model, datamodule=make_dm(), verbose=False)  # ddp_spawn returned rank 0's weights
+    return {"fit_s": fit_s, "ranks": ranks, "acc": float(test["test_acc"])}
 
 
 def run_ddp(quick: bool, seed: int = 0) -> dict[str, Any]:
@@ -442,18 +451,20 @@ def render(results: dict[str, Any]) -> str:
         "to Lightning, as InfoBatch's official sampler does (InfoBatch itself is not installed): a plain sampler "
         "whose epoch e yields a random subset of the size DataPruning kept in epoch e, in a loader built once; "
         "Lightning wraps it in `DistributedSamplerWrapper`, whose length is fixed at set-up, so every epoch is "
-        "padded back to the full length by repeating samples. Counted per rank by a callback in each process.",
+        "padded back to the full length by repeating samples. Counted per rank by a callback in each process; "
+        "*train s*: rank 0's `on_train_start` to `on_train_end` (process start-up excluded); *test acc*: the weights "
+        "ddp_spawn returns to the main process, on the test split (one seed: the DDP rows show cost, not quality).",
         "",
     ]
     rows = []
-    full_steps = None
+    full_steps = full_train_s = full_acc = None
     for name, key in (("full data", "full data"), ("DataPruning", "DataPruning"),
                       ("shrinking sampler, Lightning-wrapped (emulation)", "emulated")):
         r = d.get(key)
         if r is None:
             continue
         if "error" in r:
-            rows.append([name, f"**error:** {r['error']}", "", "", ""])
+            rows.append([name, f"**error:** {r['error']}", "", "", "", "", ""])
             continue
         steps = [x["steps"] for x in r["ranks"]]
         fwd = [sum(x["per_epoch"]) for x in r["ranks"]]
@@ -468,11 +479,19 @@ def render(results: dict[str, Any]) -> str:
             distinct = f"{sum(d['kept']):,}; {sum(fwd) - sum(d['kept']):,} padded repeats"
         rel = "" if full_steps is None or key == "full data" else f" ({steps[0] / full_steps:.1%})"
         rel_f = "" if full_steps is None or key == "full data" else f" ({fwd[0] / full_fwd:.1%})"
+        train_s = r["ranks"][0].get("train_s")
+        if key == "full data":
+            full_train_s, full_acc = train_s, r.get("acc")
+        rel_t = "" if key == "full data" or not full_train_s else f" ({train_s / full_train_s:.3f}×)"
+        acc = "" if r.get("acc") is None else f"{r['acc'] * 100:.2f}" + (
+            "" if key == "full data" or full_acc is None else f" ({(r['acc'] - full_acc) * 100:+.2f} pp)")
         rows.append([name, " / ".join(f"{f:,}" for f in fwd) + rel_f, " / ".join(str(x) for x in steps) + rel,
+                     f"{train_s:.1f}{rel_t}" if train_s else "—", acc,
                      distinct, ", ".join(str(c) for c in r["ranks"][0]["per_epoch"])])
     lines.append(harness.markdown_table(
         ["variant", "samples forwarded, rank 0 / rank 1 (vs full)", "optimizer steps, rank 0 / rank 1 (vs full)",
-         "distinct samples, both ranks", "rank 0 samples per epoch"], rows))
+         "train s, rank 0 (vs full)", "test acc % (Δ)", "distinct samples, both ranks", "rank 0 samples per epoch"],
+        rows))
 
     e = results["el2n"]
     ok = e["runs"]
