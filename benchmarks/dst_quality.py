@@ -68,6 +68,10 @@ START, END, EVERY = 0, 0.75, 50  # updates (and GraNet's ramp) from step 0 to 75
 DROP_FRACTION, GAMMA = 0.3, 0.3  # the papers' drop fraction (cosine-decayed) and SRigL's ablation threshold
 SPARSITIES = (0.9, 0.95)
 GRANET_S2S_INITIAL = 0.5  # GraNet sparse-to-sparse: the ramp starts from 50% (dense-to-sparse starts from 0)
+# Optimizer ablation at the first sparsity: the papers trained SET/RigL with SGD + momentum. Under Adam
+# every weight's first step is about lr in size whatever its gradient, which may blunt RigL's choice.
+SGD_LR, SGD_MOMENTUM = 0.05, 0.9  # cosine to 0 as the Adam runs; fixed before the first run with it
+SGD = " (SGD)"  # suffix of the ablation's variant names; their Δ is against "dense (SGD)"
 # sparse teacher-student
 TEACHER_SIZES = (64, 256, 256, 10)
 TEACHER_SPARSITY = 0.9
@@ -129,14 +133,18 @@ class TeacherData(L.LightningDataModule):
         return DataLoader(self.test_set, batch_size=512)
 
 
-def _teacher_student(seed: int, quick: bool) -> tuple[L.LightningModule, L.LightningDataModule]:
-    model = MLP(in_features=TEACHER_SIZES[0], hidden=list(TEACHER_SIZES[1:-1]), num_classes=TEACHER_SIZES[-1], lr=LR,
-                optimizer="adam", scheduler="cosine")
+def _optim(sgd: bool) -> dict[str, Any]:
+    return dict(lr=SGD_LR, optimizer="sgd", momentum=SGD_MOMENTUM) if sgd else dict(lr=LR, optimizer="adam")
+
+
+def _teacher_student(seed: int, quick: bool, sgd: bool = False) -> tuple[L.LightningModule, L.LightningDataModule]:
+    model = MLP(in_features=TEACHER_SIZES[0], hidden=list(TEACHER_SIZES[1:-1]), num_classes=TEACHER_SIZES[-1],
+                scheduler="cosine", **_optim(sgd))
     return model, TeacherData(seed, 1024 if quick else N_TRAIN, 512 if quick else N_TEST)
 
 
-def _mnist1d(seed: int, quick: bool) -> tuple[L.LightningModule, L.LightningDataModule]:
-    model = MLP(in_features=40, hidden=HIDDEN, lr=LR, optimizer="adam", scheduler="cosine")
+def _mnist1d(seed: int, quick: bool, sgd: bool = False) -> tuple[L.LightningModule, L.LightningDataModule]:
+    model = MLP(in_features=40, hidden=HIDDEN, scheduler="cosine", **_optim(sgd))
     return model, MNIST1DDataModule(num_samples=1000 if quick else NUM_SAMPLES, batch_size=BATCH, seed=seed)
 
 
@@ -165,12 +173,17 @@ def variants(quick: bool) -> dict[str, tuple[str, float, Callable]]:
         out[f"GraNet {p}"] = ("GraNet", s, dst(s, "granet"))
         out[f"GraNet s2s {p}"] = ("GraNet s2s", s, dst(s, "granet", initial=GRANET_S2S_INITIAL))
         out[f"SRigL {p}"] = ("SRigL", s, dst(s, "srigl"))
+    s = SPARSITIES[0]
+    out["dense" + SGD] = ("dense" + SGD, 0.0, lambda seed, every: [])
+    for method, fam in (("static", "static"), ("set", "SET"), ("rigl", "RigL")):
+        out[f"{fam} {s:.0%}{SGD}"] = (fam + SGD, s, dst(s, method))
     return out
 
 
-def fit_and_test(task: str, seed: int, make: Callable, steps: int, every: int, quick: bool) -> dict[str, Any]:
+def fit_and_test(task: str, seed: int, make: Callable, steps: int, every: int, quick: bool,
+                 sgd: bool = False) -> dict[str, Any]:
     L.seed_everything(seed, verbose=False)
-    model, dm = TASKS[task](seed, quick)
+    model, dm = TASKS[task](seed, quick, sgd=sgd)
     callbacks = make(seed, every)
     try:
         trainer, fit_s = harness.fit(model, dm, callbacks, max_steps=steps)
@@ -189,6 +202,7 @@ def run(seeds: int, quick: bool) -> dict[str, Any]:
         "settings": dict(seeds=list(range(seeds)), optimizer="Adam, cosine LR to 0", lr=LR, batch=BATCH, steps=steps,
                          start=START, end=END, every_n_steps=every, drop_fraction=DROP_FRACTION, gamma=GAMMA,
                          sparsities=list(SPARSITIES), granet_s2s_initial=GRANET_S2S_INITIAL,
+                         sgd=dict(lr=SGD_LR, momentum=SGD_MOMENTUM),
                          teacher=dict(sizes=list(TEACHER_SIZES), sparsity=TEACHER_SPARSITY, n_train=N_TRAIN,
                                       n_test=N_TEST), hidden=HIDDEN, num_samples=NUM_SAMPLES, tie_pp=TIE_PP),
         "tasks": {},
@@ -198,7 +212,7 @@ def run(seeds: int, quick: bool) -> dict[str, Any]:
         t0 = time.perf_counter()
         for seed in range(seeds):
             for name, (family, target, make) in variants(quick).items():
-                r = fit_and_test(task, seed, make, steps, every, quick)
+                r = fit_and_test(task, seed, make, steps, every, quick, sgd=name.endswith(SGD))
                 runs.setdefault(name, []).append({"seed": seed, "family": family, "target": target, **r})
                 status = r.get("error") or (f"acc {r['acc']:.4f}, sparsity {r['sparsity']:.4f}, itop {r.get('itop', 1):.3f}, "
                                             f"{r['fit_s']:.1f} s")
@@ -208,17 +222,18 @@ def run(seeds: int, quick: bool) -> dict[str, Any]:
 
 
 def summarise(task: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    dense = {r["seed"]: r["acc"] for r in task["runs"]["dense"] if "acc" in r}
+    dense = {ref: {r["seed"]: r["acc"] for r in task["runs"].get(ref, []) if "acc" in r} for ref in ("dense", "dense" + SGD)}
     out = {}
     for name, runs in task["runs"].items():
         ok = [r for r in runs if "acc" in r]
+        ref = dense["dense" + SGD if name.endswith(SGD) else "dense"]
         out[name] = {
             "family": runs[0]["family"],
             "target": runs[0]["target"],
             "acc": [r["acc"] for r in ok],
             "by_seed": {r["seed"]: r["acc"] for r in ok},
             "train_acc": [r["train_acc"] for r in ok],
-            "d_acc": [r["acc"] - dense[r["seed"]] for r in ok if r["seed"] in dense],
+            "d_acc": [r["acc"] - ref[r["seed"]] for r in ok if r["seed"] in ref],
             "sparsity": [r["sparsity"] for r in ok],
             "itop": [r["itop"] for r in ok if "itop" in r],
             "ablated": [r["ablated"] for r in ok if "ablated" in r],
@@ -278,6 +293,22 @@ def _ordering_lines(summ: dict[str, dict[str, Any]], sparsity: float, tie: float
             + (f" Allocation: {'; '.join(extra)}." if extra else "")]
 
 
+def _optimizer_lines(summ: dict[str, dict[str, Any]]) -> list[str]:
+    """RigL − SET and SET − static (paired, pp) under Adam and under SGD + momentum, at the ablation's sparsity."""
+    p = f"{SPARSITIES[0]:.0%}"
+    parts = []
+    for label, suffix in (("Adam", ""), ("SGD", SGD)):
+        cells = []
+        for left, right in (("static", "SET"), ("SET", "RigL")):
+            d = _paired(summ, f"{left} {p}{suffix}", f"{right} {p}{suffix}")
+            if d:
+                m, sd = harness.mean_std(d)
+                cells.append(f"{right} − {left} {m:+.2f} ± {sd:.2f}")
+        if cells:
+            parts.append(f"{label}: " + ", ".join(cells))
+    return [f"- **Optimizer ablation, {p}** (paired, pp): " + "; ".join(parts) + "."] if len(parts) == 2 else []
+
+
 def render(results: dict[str, Any]) -> str:
     s = results["settings"]
     t = s["teacher"]
@@ -307,7 +338,10 @@ def render(results: dict[str, Any]) -> str:
         "(pp); *sparsity*: exact zeros over the target weights of the tested model; *ITOP*: in-time over-"
         "parameterisation, the share of target weights active at some point (`cb.itop`; static: 1 − sparsity); "
         "*ablated*: SRigL's ablated output neurons at the end (`cb.ablated`, sum over layers). Settings fixed before "
-        "the first full run.",
+        "the first full run."
+        + (f" *(SGD)* rows: the optimizer ablation, `SGD(lr={s['sgd']['lr']}, momentum={s['sgd']['momentum']})` with "
+           "the same cosine schedule instead of Adam (the optimizer of the SET and RigL papers); their Δ is against "
+           "*dense (SGD)*; added in a later run than the Adam settings." if "sgd" in s else ""),
         "",
         f"**Papers' ordering** static < SET ≤ RigL ≈ GraNet < dense, checked link by link on the paired Δ (right − "
         f"left, pp, mean ± std over seeds): `<` holds when the mean Δ > 0, `≤` when it is ≥ −{tie} pp, `≈` when "
@@ -339,6 +373,7 @@ def render(results: dict[str, Any]) -> str:
             o = _ordering_lines(summ, sp, tie)
             verdicts.append((task, sp, ordering(summ, sp, tie)["reproduced"]))
             lines += o
+        lines += _optimizer_lines(summ)
     ok = [f"{t} {sp:.0%}" for t, sp, r in verdicts if r]
     lines += ["", f"**Summary**: the papers' ordering reproduces in {len(ok)} of {len(verdicts)} task/sparsity cases"
               + (f" ({', '.join(ok)})." if ok else ".")]
@@ -352,7 +387,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     colors = {0.9: "tab:blue", 0.95: "tab:orange"}
     for ax, (task, t) in zip(axes[0], tasks.items()):
         summ = summarise(t)
-        families = list(dict.fromkeys(v["family"] for v in summ.values() if v["family"] != "dense"))
+        families = list(dict.fromkeys(v["family"] for v in summ.values()
+                                      if v["family"] != "dense" and not v["family"].endswith(SGD)))
         sps = sorted({v["target"] for v in summ.values() if v["target"] > 0})
         width = 0.8 / max(len(sps), 1)
         for j, sp in enumerate(sps):
