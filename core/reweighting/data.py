@@ -6,6 +6,9 @@ to train on, trims them to a multiple of the number of replicas, and gives rank 
 r-th id: the shares are disjoint, equally long (DDP ranks stay in step) and nothing is
 padded back. ``skip`` drops the first ids of the rank's share (a mid-epoch resume).
 
+``sampler_order`` reads one epoch of a user's sampler as ids, so a plan can keep the user's
+order (and its repeats) instead of replacing the sampler.
+
 Example:
     >>> sampler = PlanSampler(dataset, plan=lambda epoch: kept_ids, num_replicas=2, rank=0)
     >>> loader = DataLoader(dataset, batch_size=32, sampler=sampler)
@@ -16,10 +19,30 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-__all__ = ["IndexedDataset", "PlanSampler"]
+__all__ = ["IndexedDataset", "PlanSampler", "sampler_order"]
+
+
+def sampler_order(sampler: Sampler, epoch: int, n: int) -> Tensor:
+    """The ids ``sampler`` yields in ``epoch`` (``set_epoch(epoch)`` first, when it has one), in order.
+
+    Raises:
+        ValueError: the sampler yields something other than ids in [0, n).
+    """
+    if callable(getattr(sampler, "set_epoch", None)):
+        sampler.set_epoch(epoch)
+    name = type(sampler).__name__
+    try:
+        order = torch.tensor([int(i) for i in sampler], dtype=torch.long)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"the training sampler ({name}) must yield integer dataset ids; {err}.") from None
+    if order.numel() and (int(order.min()) < 0 or int(order.max()) >= n):
+        raise ValueError(f"the training sampler ({name}) yields ids outside the dataset's [0, {n}): build it over the "
+                         "training dataset itself.")
+    return order
 
 
 class IndexedDataset(Dataset):

@@ -15,6 +15,7 @@ from lichtenberg.core.reweighting import (
     infobatch_plan,
     loss_weights,
     normalize_losses,
+    sampler_order,
     static_keep,
     weight_entropy,
 )
@@ -141,3 +142,23 @@ def test_plan_sampler_gives_disjoint_equal_shares_without_padding():
     assert len(set(flat)) == 9 and set(flat) <= set(plan.tolist())  # each once, the remainder left out
     skipped = list(PlanSampler(dataset, lambda e: plan, lambda: 0, 3, 0, skip=lambda: 2))
     assert skipped == shares[0][2:]
+
+
+def test_sampler_order_reads_one_epoch_of_a_sampler_in_order():
+    class Epochs(torch.utils.data.Sampler):
+        def __init__(self):
+            self.epoch = None
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+        def __iter__(self):
+            return iter([self.epoch, 3, 3, torch.tensor(0)])  # repeats and 0-d tensors are ids too
+
+    sampler = Epochs()
+    assert sampler_order(sampler, 2, n=5).tolist() == [2, 3, 3, 0] and sampler.epoch == 2
+    assert sampler_order(range(4, -1, -1), 0, n=5).tolist() == [4, 3, 2, 1, 0]  # no set_epoch: as it comes
+    with pytest.raises(ValueError, match=r"ids outside the dataset's \[0, 4\)"):
+        sampler_order(range(5), 0, n=4)
+    with pytest.raises(ValueError, match="integer dataset ids"):
+        sampler_order(["a", "b"], 0, n=4)
