@@ -22,15 +22,22 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+import torch
 from lightning.pytorch.trainer.states import RunningStage
 from torch import Tensor
+
+from ._base import _Base
 
 __all__ = ["weighted_loss"]
 
 
-class _PerSample(Callback):
-    """Base of the callbacks that weight (or select) individual samples."""
+class _PerSample(_Base):
+    """Base of the callbacks that weight (or select) individual samples.
+
+    Everything a fit binds (the ``training_step`` wrapper, and whatever a subclass binds in
+    ``_reset``) is bound in ``setup("fit")`` and unbound in ``teardown`` or, since Lightning calls
+    no teardown after an exception, in ``on_exception``: a reused instance starts each fit clean.
+    """
 
     # Whether ``_weights`` needs the losses of the whole global batch every step: under DDP
     # that is one all-gather per step, a sync point in the middle of the forward pass.
@@ -49,13 +56,23 @@ class _PerSample(Callback):
         """Dataset ids of the global batch, when the callback knows them (DataPruning's sampler)."""
         return None
 
+    def _check_batch(self, trainer: pl.Trainer, losses: Tensor, index: Tensor | None) -> None:
+        """Refuse this rank's losses [B] (and ids) when they cannot belong to the batch (no host sync)."""
+
+    def _reset(self) -> None:
+        """Forget everything an earlier fit left (a checkpoint restore follows ``setup``)."""
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
+            self._reset()
             _install(pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and not any(isinstance(cb, _PerSample) and cb is not self for cb in trainer.callbacks):
+        if stage == "fit":  # idempotent: the first per-sample callback's teardown removes the wrapper
             _uninstall(pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        _uninstall(pl_module)
 
 
 def _gather(trainer: pl.Trainer, t: Tensor) -> Tensor:
@@ -75,6 +92,22 @@ def _per_sample(losses: Tensor, mask: Tensor | None) -> Tensor:
             "compute the loss with reduction='none'."
         )
     return losses
+
+
+def _check_index(index: Any, n: int) -> None:
+    """One integer dataset id per loss (shapes and dtypes only: no host sync)."""
+    if not isinstance(index, Tensor):
+        got = f"a {type(index).__name__}"
+    elif index.dim() != 1:
+        got = f"shape {tuple(index.shape)}"
+    elif index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        got = f"dtype {index.dtype}"
+    elif index.numel() != n:
+        got = f"{index.numel()} ids"
+    else:
+        return
+    raise ValueError(f"training_step's 'index' must be a 1-D integer tensor with one dataset id per loss; got {got} "
+                     f"for {n} losses: return the batch's dataset ids (e.g. from IndexedDataset), or no index.")
 
 
 def weighted_loss(pl_module: pl.LightningModule, losses: Tensor, index: Tensor | None = None,
@@ -102,6 +135,10 @@ def weighted_loss(pl_module: pl.LightningModule, losses: Tensor, index: Tensor |
     callbacks = [cb for cb in trainer.callbacks if isinstance(cb, _PerSample)] if active else []
     if not callbacks:
         return losses.mean()
+    if index is not None:
+        _check_index(index, losses.numel())
+    for cb in callbacks:
+        cb._check_batch(trainer, losses, index)
     pl_module.__dict__["_lichtenberg_reduced"] = True  # the training_step wrapper passes this scalar through
     n, start = losses.numel(), trainer.global_rank * losses.numel() if trainer.world_size > 1 else 0
     gather = any(cb._global_losses for cb in callbacks)  # else no collective at all in the step

@@ -9,7 +9,9 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
+from ..core.checks import check_choice, check_int, check_real
 from ..core.reweighting import RULES, effective_sample_size, focal_weights, loss_weights, weight_entropy
+from ._base import run_length
 from ._per_sample import _PerSample
 from ._summary import format_table
 
@@ -30,8 +32,10 @@ class SampleReweighting(_PerSample):
             "quadratic" (favour medium losses), "extremes" (favour both tails), "uniform",
             "softmax" (favour high losses: KL-regularised DRO), "softmin" (favour low losses),
             or "focal" ((1 - p)^gamma with p = exp(-loss)).
-        temperature: r of softmax(f(x) / r) (the paper: 1.0); large means near uniform.
-        warmup_steps: optimizer steps of uniform weighting first (the paper: 1000).
+        temperature: r of softmax(f(x) / r) (the paper: 1.0); large means near uniform. Not for
+            "focal" or "uniform".
+        warmup_steps: optimizer steps of uniform weighting first (the paper: 1000); must be
+            shorter than the run.
         gamma: focal exponent (rule "focal" only).
 
     Example:
@@ -40,16 +44,31 @@ class SampleReweighting(_PerSample):
 
     def __init__(self, rule: str = "linupper", temperature: float = 1.0, warmup_steps: int = 1000,
                  gamma: float = 2.0) -> None:
-        if rule not in _ALL_RULES:
-            raise ValueError(f"rule={rule!r} must be one of {', '.join(_ALL_RULES)}.")
-        if not temperature > 0:
-            raise ValueError(f"temperature={temperature} must be > 0 (large values give near-uniform weights).")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps={warmup_steps} must be >= 0.")
-        if gamma < 0:
-            raise ValueError(f"gamma={gamma} must be >= 0.")
-        self.rule, self.temperature, self.warmup_steps, self.gamma = rule, temperature, warmup_steps, gamma
+        self.rule = check_choice("SampleReweighting rule", rule, _ALL_RULES)
+        self.temperature = check_real("SampleReweighting temperature", temperature, low=0.0, low_open=True,
+                                      fix="large values give near-uniform weights; the paper uses 1.0")
+        self.warmup_steps = check_int("SampleReweighting warmup_steps", warmup_steps, low=0,
+                                      fix="optimizer steps of uniform weights first; the paper uses 1000")
+        self.gamma = check_real("SampleReweighting gamma", gamma, low=0.0, fix="the focal exponent, typically 2.0")
+        # A setting the chosen rule ignores is a mistake the run would hide.
+        if self.gamma != 2.0 and rule != "focal":
+            raise ValueError(f"SampleReweighting gamma={gamma!r} only acts with rule='focal' (got rule={rule!r}): "
+                             "drop gamma or use rule='focal'.")
+        if self.temperature != 1.0 and rule in ("focal", "uniform"):
+            raise ValueError(f"SampleReweighting temperature={temperature!r} has no effect with rule={rule!r}: drop "
+                             "temperature or pick a softmax rule (linupper, quadratic, extremes, softmax, softmin).")
         self._batches_weighted = 0
+
+    def _reset(self) -> None:
+        self._batches_weighted = 0
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        total = run_length(trainer)  # None: Lightning cannot know it (then nothing to check)
+        if total and self.warmup_steps >= total:
+            raise ValueError(
+                f"SampleReweighting warmup_steps={self.warmup_steps} >= the {total} optimizer steps of this fit, so "
+                f"no sample would ever be weighted: lower warmup_steps (e.g. {total // 10}, 10% of the run)."
+            )
 
     @property
     def state_key(self) -> str:
@@ -80,8 +99,8 @@ class SampleReweighting(_PerSample):
             rows.append(("last logged effective sample size", f"{float(ess):.3f} of the batch"))
         rank_zero_info(format_table("SampleReweighting summary", rows))
 
-    def state_dict(self) -> dict[str, Any]:
+    def _state(self) -> dict[str, Any]:
         return {"batches_weighted": self._batches_weighted}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._batches_weighted = int(state_dict["batches_weighted"])
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self._batches_weighted = int(state["batches_weighted"])

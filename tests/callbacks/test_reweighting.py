@@ -138,7 +138,7 @@ def test_static_el2n_needs_logits_and_target():
     fit([dp], Logits, max_epochs=2)
     assert 0 <= float(dp.scores.min()) and float(dp.scores.max()) <= 2 ** 0.5 + 1e-6
     with pytest.raises(ValueError, match="needs 'logits' and 'target'"):
-        fit([DataPruning(mode="static", score="el2n")], PerSampleModel, max_epochs=1)
+        fit([DataPruning(mode="static", score="el2n")], PerSampleModel, max_epochs=2)  # 1 epoch: never pruned
 
 
 def test_mid_epoch_resume_with_pruning_active_is_bit_exact(tmp_path):
@@ -289,7 +289,7 @@ def test_weights_are_identical_with_one_and_two_processes_on_the_same_global_bat
     "make, message",
     [
         (lambda: SampleReweighting(rule="harder"), "rule='harder' must be one of"),
-        (lambda: SampleReweighting(temperature=0.0), "temperature=0.0 must be > 0"),
+        (lambda: SampleReweighting(temperature=0.0), r"temperature=0.0 must lie in \(0, inf\)"),
         (lambda: SampleReweighting(temperature=-1.0), "temperature=-1.0"),
         (lambda: SampleReweighting(warmup_steps=-1), "warmup_steps=-1"),
         (lambda: DataPruning(ratio=1.0), r"ratio=1.0 must lie in \[0, 1\)"),
@@ -315,3 +315,72 @@ def test_bad_output_shapes_raise_with_what_to_return():
         fit([SampleReweighting(warmup_steps=0)], Matrix, max_epochs=1)
     with pytest.raises(ValueError, match="set Trainer\\(max_epochs=...\\)"):
         L.Trainer(callbacks=[DataPruning()], max_epochs=-1, max_steps=5, **BASE).fit(PerSampleModel(), datamodule=TinyData())
+
+
+# -- SampleReweighting hardening -------------------------------------------------------------------
+@pytest.mark.parametrize("arg, value", [
+    ("rule", None), ("rule", 1), ("rule", ["linupper"]), ("temperature", float("nan")), ("temperature", float("inf")),
+    ("temperature", True), ("temperature", "1.0"), ("temperature", None), ("temperature", [1.0]),
+    ("warmup_steps", 10.0), ("warmup_steps", True), ("warmup_steps", "10"), ("warmup_steps", None),
+    ("warmup_steps", float("nan")), ("warmup_steps", {"steps": 10}), ("gamma", float("nan")), ("gamma", False),
+    ("gamma", "2"), ("gamma", None), ("gamma", -float("inf")),
+], ids=repr)
+def test_sample_reweighting_bad_arguments_are_a_value_error_naming_the_value(arg, value):
+    # Before: NaN, inf and bools passed; strings, lists and None raised TypeError in a comparison.
+    kwargs = {arg: value, "rule": "focal"} if arg == "gamma" else {arg: value}
+    with pytest.raises(ValueError, match=f"{arg}={value!r}".replace("[", r"\[")):
+        SampleReweighting(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(gamma=3.0), r"gamma=3.0.*rule='focal'"),
+    (dict(rule="softmax", gamma=0.0), r"gamma=0.0.*rule='focal'"),
+    (dict(rule="focal", temperature=2.0), r"temperature=2.0.*rule='focal'"),
+    (dict(rule="uniform", temperature=0.5), r"temperature=0.5.*rule='uniform'"),
+])
+def test_sample_reweighting_contradictory_arguments_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SampleReweighting(**kwargs)
+    SampleReweighting(rule="focal", gamma=3.0)  # the same values where they apply
+    SampleReweighting(rule="softmax", temperature=2.0)
+
+
+def test_a_warmup_as_long_as_the_run_raises_at_fit_start():
+    # TinyData: 12 optimizer steps per epoch, 48 in 4 epochs (24 with accumulation 2).
+    weighted = Seen()
+    with pytest.raises(ValueError, match=r"warmup_steps=48.*48 optimizer steps"):
+        fit([SampleReweighting(warmup_steps=48), weighted], PerSampleModel)
+    with pytest.raises(ValueError, match=r"warmup_steps=24.*24 optimizer steps"):
+        fit([SampleReweighting(warmup_steps=24), weighted], PerSampleModel, accumulate_grad_batches=2)
+    assert weighted.batches == []  # raised before the first step
+    rw = SampleReweighting(warmup_steps=47)
+    fit([rw], PerSampleModel)
+    assert rw.state_dict()["batches_weighted"] == 1  # the last step is weighted
+
+
+def test_an_unknown_run_length_is_not_checked():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            data = TinyData()
+            return iter(zip(data.x, data.y))
+
+    rw = SampleReweighting(warmup_steps=10)
+    L.seed_everything(0)
+    L.Trainer(callbacks=[rw], max_epochs=2, **BASE).fit(PerSampleModel(), DataLoader(Stream(), batch_size=8))
+    assert rw.state_dict()["batches_weighted"] == 2 * 12 - 10
+
+
+def test_sample_reweighting_reused_for_a_second_fit_equals_a_fresh_instance():
+    # Before: the weighted-batch counter carried over into the second fit's state (and checkpoints).
+    shared = SampleReweighting(warmup_steps=4)
+    for seed in (0, 1):
+        L.seed_everything(seed)
+        reused = PerSampleModel()
+        L.Trainer(callbacks=[shared], max_epochs=2, **BASE).fit(reused, datamodule=TinyData())
+        fresh_cb = SampleReweighting(warmup_steps=4)
+        L.seed_everything(seed)
+        fresh = PerSampleModel()
+        L.Trainer(callbacks=[fresh_cb], max_epochs=2, **BASE).fit(fresh, datamodule=TinyData())
+        for key, value in fresh.state_dict().items():
+            assert torch.equal(reused.state_dict()[key], value), (seed, key)
+        assert shared.state_dict() == fresh_cb.state_dict() and shared.state_dict()["batches_weighted"] == 20
