@@ -1,25 +1,33 @@
-"""What GradualPruning and DynamicSparseTraining share: one MaskEngine attached at setup.
+"""What GradualPruning and DynamicSparseTraining share: one MaskEngine bound per fit.
 
-- ``setup``: select the targets (logged: what is and is not sparsified), refuse weights another
-  sparsity callback already owns, register the mask buffers (before Lightning restores a
-  checkpoint, so a resume loads its masks into them) and keep them out of DDP's per-step
-  buffer broadcast: masks change only at updates, from synchronised inputs, on every rank.
-- ``on_fit_start``: re-bind the buffers the device move replaced; re-mask after the step of
-  optimizers that may move an exact zero (see ``_ZERO_PRESERVING``).
-- each optimizer step: the subclass's ``_update`` when due, then gradients are masked.
+- ``setup``: bind to the model right after its ``configure_model`` (layers built there are
+  targets too) and before Lightning restores a checkpoint (a resume loads its masks into the
+  buffers). Targets are logged; weights of unknown layer types and tied aliases a target drags
+  along are warnings. Mask buffers are registered under every alias of a weight and kept out
+  of DDP's per-step buffer broadcast: masks change only at updates, on every rank alike.
+- ``on_fit_start``: re-bind the buffers the device move replaced; resolve the schedule (a
+  setting that would never act is a ValueError); hook the optimizers.
+- each optimizer step: the subclass's ``_update`` when due (dense, final gradients), then the
+  gradients of pruned weights are zeroed at the last point before the step: an optimizer
+  pre-step hook that runs after the module's own ``on_before_optimizer_step``, gradient
+  clipping and any other callback (for Lightning's closure-driven steps, right after the
+  closure). Where clipping reads the gradients they are masked before it too, so the clip
+  norm counts kept weights only. Optimizers outside ``_ZERO_PRESERVING`` also re-mask the
+  weights after their step.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from ..core.sparsity import MaskEngine
 from ..core.targets import Selection, Targets, select_targets
+from ._base import _Base, after_configure_model, overrides
 from ._strategy import refuse_sharded
 
 __all__: list[str] = []
@@ -29,22 +37,36 @@ __all__: list[str] = []
 _ZERO_PRESERVING = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
-class _Sparsity(Callback):
-    """Base of the mask-owning callbacks; subclasses implement ``_update`` (and may add more)."""
+class _Sparsity(_Base):
+    """Base of the mask-owning callbacks; subclasses implement ``_due`` / ``_update`` (and may
+    extend ``_reset``, ``_check``, ``_init_masks``, ``_resolve`` and ``_last_point``)."""
+
+    _dense_latent = False  # True: the weights hold a dense latent copy around the step (SR-STE re-masks itself)
 
     def __init__(self, targets: Targets | None) -> None:
+        if targets is not None and not isinstance(targets, Targets):
+            raise ValueError(f"targets={targets!r} must be a Targets(types=..., include=..., exclude=...).")
         self.targets = targets or Targets()
         self.engine: MaskEngine | None = None
         self._modules: dict[str, torch.nn.Module] = {}
         self._hooks: list = []
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget everything bound to an earlier fit (a new fit starts from the model as it is)."""
         self._updated_at = -1  # one update per step even with several optimizers
         self._start = 0  # gradients are masked from this optimizer step on
+        self._mask_before_clip = False
 
+    # -- subclass hooks ----------------------------------------------------------------------
     def _check(self, selection: Selection) -> None:
-        """Subclass hook: reject targets the technique cannot handle (ValueError)."""
+        """Reject targets the technique cannot handle (ValueError)."""
 
     def _init_masks(self, trainer: pl.Trainer) -> None:
-        """Subclass hook: initial masks for a fresh fit (a resumed run overwrites them)."""
+        """Initial masks for the targets that had none (``engine.fresh``); a resume overwrites them."""
+
+    def _resolve(self, trainer: pl.Trainer) -> None:
+        """Turn the schedule into optimizer steps; ValueError for settings that would never act."""
 
     def _due(self, step: int) -> bool:
         raise NotImplementedError
@@ -52,42 +74,86 @@ class _Sparsity(Callback):
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         raise NotImplementedError
 
+    def _last_point(self, trainer: pl.Trainer, names: list[str]) -> None:
+        """Right before the optimizer's math: zero the gradients of pruned weights."""
+        if trainer.global_step >= self._start:
+            self.engine.mask_grads_(names)
+
+    # -- binding ---------------------------------------------------------------------------------
+    def _bound_to(self, pl_module: pl.LightningModule) -> bool:
+        if self.engine is None or self.engine.model is not pl_module:
+            return False
+        own = dict(pl_module.named_parameters(remove_duplicate=False))
+        return all(own.get(n) is p for n, p in self.engine.params.items())
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.engine is not None:
-            return
         refuse_sharded(self, trainer)
+        if stage != "fit" and self._bound_to(pl_module):
+            return  # e.g. trainer.test right after fit
+        if stage == "fit":
+            self._reset()
+        self.engine = None
+        after_configure_model(pl_module, partial(self._bind, trainer, pl_module, stage))
+
+    def _bind(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         selection = select_targets(pl_module, self.targets)
         self._check(selection)
         name = type(self).__name__
+        mine = {id(p): n for n, p in selection.params.items()}
         for other in trainer.callbacks:
-            if other is not self and isinstance(other, _Sparsity) and other.engine is not None:
-                shared = sorted(set(other.engine.params) & set(selection.params))
+            if other is not self and isinstance(other, _Sparsity) and other._bound_to(pl_module):
+                shared = sorted(mine[id(p)] for p in other.engine.params.values() if id(p) in mine)
                 if shared:
                     raise ValueError(
                         f"{name} and {type(other).__name__} both target {shared}: one mask per weight. "
                         "Split the layers between them with `targets`, or use only one of them."
                     )
         rank_zero_info(f"{name}: {selection.report()}")
-        self.engine = MaskEngine.attach_(pl_module, selection.params)
+        for warning in selection.warnings(self.targets.types):
+            rank_zero_warn(f"{name}: {warning}")
+        self.engine = MaskEngine.attach_(pl_module, selection.params, selection.kinds, selection.aliases)
         self._modules = selection.modules
         ignored = set(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", ()))
         pl_module._ddp_params_and_buffers_to_ignore = sorted(ignored | set(self.engine.buffer_names))
         if stage == "fit":
             self._init_masks(trainer)
 
+    # -- fit -------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.engine is not None
         self.engine.rebind_()  # moving the module to its device replaced the buffers
-        self._hooks = [
-            opt.register_step_post_hook(lambda *_: self.engine.apply_())
-            for opt in trainer.optimizers
-            if type(opt) not in _ZERO_PRESERVING
-        ]
+        self._resolve(trainer)
+        self._mask_before_clip = bool(trainer.gradient_clip_val) or overrides(pl_module, "configure_gradient_clipping")
+        own = {id(p): n for n, p in self.engine.params.items()}
+        for opt in trainer.optimizers:
+            names = [own[id(p)] for group in opt.param_groups for p in group["params"] if id(p) in own]
+            if names:
+                self._hooks.append(opt.register_step_pre_hook(partial(self._pre_step, trainer, names)))
+            if names and type(opt) not in _ZERO_PRESERVING and not self._dense_latent:
+                self._hooks.append(opt.register_step_post_hook(lambda *_: self.engine.apply_()))
         slow = [type(o).__name__ for o in trainer.optimizers if isinstance(o, (torch.optim.Adam, torch.optim.AdamW))
                 and not o.defaults.get("fused") and pl_module.device.type == "cpu"]
         if slow:  # measured in benchmarks/pruning_overhead.py: Adam's step 11 -> 20 ms at 90% sparsity
             rank_zero_warn(f"{type(self).__name__}: torch's CPU {slow[0]} takes a slow path on the exact zeros that "
                            f"masks create (sqrt of zero moments); pass fused=True to {slow[0]} for a much faster step.")
+
+    def _pre_step(self, trainer: pl.Trainer, names: list[str], optimizer: Any, args: tuple, kwargs: dict) -> Any:
+        # Lightning steps with a closure that runs backward, the module's hooks and clipping
+        # inside optimizer.step: the last point is right after it. Without one (AMP's scaler,
+        # manual loops) the gradients are final already.
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._last_point(trainer, names)
+            return None
+
+        def closure_then_mask() -> Any:
+            out = closure()
+            self._last_point(trainer, names)
+            return out
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_mask}
+        return (args[0], closure_then_mask, *args[2:]), kwargs
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for handle in self._hooks:
@@ -101,7 +167,7 @@ class _Sparsity(Callback):
         if self._due(step) and self._updated_at != step:
             self._updated_at = step
             self._update(trainer, pl_module, step)
-        if step >= self._start:
+        if self._mask_before_clip and step >= self._start:
             self.engine.mask_grads_()
 
     def _log_density(self, pl_module: pl.LightningModule, prefix: str) -> tuple[dict[str, float], float]:

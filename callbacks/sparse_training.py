@@ -1,8 +1,10 @@
 """DynamicSparseTraining: train sparse from step 0 (static, SET, RigL, GraNet, SRigL).
 
-Same mask engine as GradualPruning. Masks are drawn at set-up from a generator seeded
+Same mask engine as GradualPruning. Masks are drawn when a fit binds to a model that has
+none yet (a model that already carries masks keeps them), from a generator seeded
 identically on every rank; updates read the dense gradients in ``on_before_optimizer_step``
 (after accumulation and DDP's all-reduce, before they are masked) and only on update steps.
+Non-finite gradients never become growth scores.
 """
 
 from __future__ import annotations
@@ -13,18 +15,21 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from ..core.checks import check_choice, check_int, check_real
 from ..core.schedules import SparsitySchedule
 from ..core.sparsity import (
     cosine_drop_fraction,
     drop_and_grow,
     erk_densities,
     fanin_masks,
+    growth_scores,
     magnitude_score,
     prune_masks,
     random_masks,
     srigl_update,
 )
 from ..core.targets import Targets
+from ._base import never_acts, run_length
 from ._sparsity import _Sparsity
 from ._summary import format_table
 
@@ -41,7 +46,7 @@ class DynamicSparseTraining(_Sparsity):
     start at zero and the optimizer state of every changed slot is reset.
 
     Args:
-        sparsity: fraction of the target weights that are zero, in [0, 1) (for "granet" the
+        sparsity: fraction of the target weights that are zero, in (0, 1) (for "granet" the
             final one, reached at ``schedule.end`` along the cubic ramp).
         method: "static" (random masks, never updated), "set" (grow at random), "rigl" (grow
             by dense gradient), "granet" (gradual global magnitude pruning from
@@ -49,11 +54,13 @@ class DynamicSparseTraining(_Sparsity):
             fan-in per neuron and neuron ablation).
         schedule: update frequency (``every_n_steps``, the papers' delta T = 100), ``start`` and
             ``end`` (updates stop there: 75% of training by default), and for "granet" the
-            ramp ``kind`` and ``initial`` sparsity (0 = dense-to-sparse).
+            ramp ``kind`` and ``initial`` sparsity (0 = dense-to-sparse). At least one update
+            must fit between start and end.
         drop_fraction: fraction of each layer's active weights replaced at the first update,
             in (0, 1); the papers use 0.3.
         allocation: per-layer densities, "erk" (Erdos-Renyi-Kernel) or "uniform".
-        targets: which weights (default: weight of every Linear, Conv1d and Conv2d).
+        targets: which weights (default: weight of every Linear, Conv1d/2d/3d and Hugging Face
+            Conv1D).
         seed: seed of the mask generator (same on every rank; its state is checkpointed).
         gamma: SRigL's saliency threshold for neuron ablation (the paper: 0.3).
 
@@ -72,24 +79,29 @@ class DynamicSparseTraining(_Sparsity):
         seed: int = 0,
         gamma: float = 0.3,
     ) -> None:
-        if not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"sparsity={sparsity} must lie in [0, 1): it is the fraction of weights that are zero.")
-        if method not in _METHODS:
-            raise ValueError(f"method={method!r} must be one of {', '.join(_METHODS)}.")
-        if not 0.0 < drop_fraction < 1.0:
-            raise ValueError(f"drop_fraction={drop_fraction} must lie in (0, 1); the papers use 0.3.")
-        if allocation not in ("erk", "uniform"):
-            raise ValueError(f"allocation={allocation!r} must be 'erk' or 'uniform'.")
-        if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma={gamma} must lie in [0, 1]; SRigL uses 0.3.")
-        super().__init__(targets)
-        self.sparsity, self.method, self.drop_fraction = sparsity, method, drop_fraction
+        self.sparsity = check_real("DynamicSparseTraining sparsity", sparsity, low=0.0, high=1.0, low_open=True,
+                                   high_open=True, fix="it is the fraction of weights that are zero, e.g. 0.9")
+        self.method = check_choice("DynamicSparseTraining method", method, _METHODS)
+        self.drop_fraction = check_real("DynamicSparseTraining drop_fraction", drop_fraction, low=0.0, high=1.0,
+                                        low_open=True, high_open=True, fix="the papers use 0.3")
+        self.allocation = check_choice("DynamicSparseTraining allocation", allocation, ("erk", "uniform"))
+        self.gamma = check_real("DynamicSparseTraining gamma", gamma, low=0.0, high=1.0, fix="SRigL uses 0.3")
+        self.seed = check_int("DynamicSparseTraining seed", seed, low=0, high=2**63 - 1)
+        if method == "static" and drop_fraction != 0.3:
+            raise ValueError(f"drop_fraction={drop_fraction} has no effect with method='static' (masks never change).")
+        if method != "srigl" and gamma != 0.3:
+            raise ValueError(f"gamma={gamma} is SRigL's ablation threshold and has no effect with method={method!r}.")
+        if schedule is not None and not isinstance(schedule, SparsitySchedule):
+            raise ValueError(f"schedule={schedule!r} must be a SparsitySchedule(start=..., end=..., every_n_steps=...).")
         self.schedule = schedule or SparsitySchedule(kind="cubic", start=0, end=0.75, every_n_steps=100)
         if method == "granet" and self.schedule.initial > sparsity:
             raise ValueError(f"schedule initial={self.schedule.initial} exceeds sparsity={sparsity}: GraNet only prunes.")
-        self.allocation, self.seed, self.gamma = allocation, seed, gamma
+        super().__init__(targets)
+
+    def _reset(self) -> None:
+        super()._reset()
         self._generator = self._new_generator(None)
-        self._end = 0
+        self._end = self._first = 0
         self._ever: dict[str, torch.Tensor] = {}  # in-time over-parameterisation: ever active
         self._alive: dict[str, torch.Tensor] = {}  # SRigL: neurons not ablated
         self._updates, self._churn = 0, 0.0
@@ -115,9 +127,10 @@ class DynamicSparseTraining(_Sparsity):
 
     # -- set-up --------------------------------------------------------------------------
     def _init_masks(self, trainer: pl.Trainer) -> None:
-        assert self.engine is not None
-        params = self.engine.params
-        shapes = {n: p.shape for n, p in params.items()}
+        engine = self.engine
+        assert engine is not None
+        rows = {n: engine.rows(n, p) for n, p in engine.params.items()}  # [out, in, ...]
+        shapes = {n: r.shape for n, r in rows.items()}
         start = self.schedule.initial if self.method == "granet" else self.sparsity
         if start > 0:
             if self.allocation == "erk":
@@ -126,16 +139,27 @@ class DynamicSparseTraining(_Sparsity):
                 densities = {n: 1.0 - start for n in shapes}
             draw = fanin_masks if self.method == "srigl" else random_masks
             masks = draw(shapes, densities, self._generator)
-            self.engine.set_masks_({n: m.to(params[n].device) for n, m in masks.items()})
-        self._ever = {n: m.clone() for n, m in self.engine.masks.items()}
-        self._alive = {n: torch.ones(p.shape[0], dtype=torch.bool, device=p.device) for n, p in params.items()}
-        density = {n: f"{float(m.float().mean()):.3f}" for n, m in self.engine.masks.items()}
+            # a model that already carries masks (a second fit, a sparse checkpoint) keeps them
+            engine.set_masks_({n: engine.from_rows(n, m.to(rows[n].device)) for n, m in masks.items() if n in engine.fresh})
+        self._ever = {n: m.clone() for n, m in engine.masks.items()}
+        self._alive = {n: torch.ones(r.shape[0], dtype=torch.bool, device=r.device) for n, r in rows.items()}
+        density = {n: f"{float(m.float().mean()):.3f}" for n, m in engine.masks.items()}
         rank_zero_info(f"DynamicSparseTraining: {self.method}, initial densities {density}.")
+
+    def _resolve(self, trainer: pl.Trainer) -> None:
+        self._first, self._end = self.schedule.resolve(run_length(trainer), squeeze=bool(trainer.fast_dev_run))
+        every = self.schedule.every_n_steps
+        if self.method != "static" and self._first + every >= self._end:
+            never_acts(
+                trainer,
+                f"DynamicSparseTraining({self.method!r}) would never update its masks: the first update is at step "
+                f"{self._first + every} (start {self._first} + every_n_steps {every}), but updates stop at step "
+                f"{self._end}. Set schedule.every_n_steps <= {max(self._end - self._first - 1, 1)} or train longer "
+                "(or use method='static')."
+            )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        start, self._end = self.schedule.resolve(trainer.estimated_stepping_batches)
-        self._first = start
         device = next(iter(self.engine.params.values())).device
         self._ever = {n: t.to(device) for n, t in self._ever.items()}
         self._alive = {n: t.to(device) for n, t in self._alive.items()}
@@ -150,8 +174,9 @@ class DynamicSparseTraining(_Sparsity):
 
     @torch.no_grad()
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        assert self.engine is not None
-        params, masks = self.engine.params, self.engine.masks
+        engine = self.engine
+        assert engine is not None
+        params, masks = engine.params, engine.masks
         fraction = cosine_drop_fraction(step, self._first, self._end, self.drop_fraction)
         new = dict(masks)
         if self.method == "granet":
@@ -159,8 +184,11 @@ class DynamicSparseTraining(_Sparsity):
             new = prune_masks({n: magnitude_score(p) for n, p in params.items()}, masks, target, "global")
         for name, param in params.items():
             grad = param.grad if param.grad is not None else torch.zeros_like(param)
-            if self.method == "srigl":
-                new[name], self._alive[name] = srigl_update(param, grad, masks[name], self._alive[name], fraction, self.gamma)
+            if self.method == "srigl":  # constant fan-in: along the inputs of [out, in, ...] rows
+                mask, self._alive[name] = srigl_update(engine.rows(name, param), engine.rows(name, grad),
+                                                       engine.rows(name, masks[name]), self._alive[name], fraction,
+                                                       self.gamma)
+                new[name] = engine.from_rows(name, mask)
                 continue
             n = round(fraction * int(new[name].sum()))
             if n == 0:
@@ -168,10 +196,10 @@ class DynamicSparseTraining(_Sparsity):
             if self.method == "set":
                 scores = torch.rand(param.shape, generator=self._generator).to(param.device)
             else:
-                scores = grad.abs()
+                scores = growth_scores(grad)
             new[name] = drop_and_grow(param, new[name], n, scores)
         active = sum(int(m.sum()) for m in masks.values())
-        changed = self.engine.set_masks_(new, trainer.optimizers)
+        changed = engine.set_masks_(new, trainer.optimizers)
         for name, mask in masks.items():
             self._ever[name] |= mask
         self._updates += 1
@@ -196,9 +224,11 @@ class DynamicSparseTraining(_Sparsity):
 
     # -- end of fit ------------------------------------------------------------------------
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self.engine is not None
-        per_layer, total = self.engine.sparsity_report()
-        rows = [(n, f"{tuple(self.engine.params[n].shape)}  density {1 - s:.4f}") for n, s in per_layer.items()]
+        engine = self.engine
+        assert engine is not None
+        per_layer, total = engine.sparsity_report()
+        rows = [(" = ".join(engine.names(n)), f"{tuple(engine.params[n].shape)}  density {1 - s:.4f}")
+                for n, s in per_layer.items()]
         rows += [
             ("global density", f"{1 - total:.4f} (target {1 - self.sparsity:.4f})"),
             ("mask updates", f"{self._updates} (last churn {self._churn:.4f})"),
@@ -208,7 +238,7 @@ class DynamicSparseTraining(_Sparsity):
             rows.append(("ablated neurons", str(self.ablated)))
         rank_zero_info(format_table(f"DynamicSparseTraining ({self.method}) summary", rows))
 
-    def state_dict(self) -> dict[str, Any]:
+    def _state(self) -> dict[str, Any]:
         # Masks travel as model buffers; the generator, counters and ITOP / ablation state live here.
         return {
             "generator": self._generator.get_state(),
@@ -218,7 +248,7 @@ class DynamicSparseTraining(_Sparsity):
             "alive": dict(self._alive),
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def _load_state(self, state_dict: dict[str, Any]) -> None:
         self._generator.set_state(state_dict["generator"])
         self._updates, self._churn = int(state_dict["updates"]), float(state_dict["churn"])
         self._ever, self._alive = dict(state_dict["ever"]), dict(state_dict["alive"])

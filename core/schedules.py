@@ -13,19 +13,20 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from .checks import check_choice, check_int, check_real, check_step
+
 __all__ = ["SparsitySchedule", "resolve_step"]
 
 
-def resolve_step(point: int | float, total_steps: int | float, what: str) -> int:
-    """A float in [0, 1] is a fraction of ``total_steps``, an int an optimizer step."""
+def resolve_step(point: int | float, total_steps: int | None, what: str) -> int:
+    """A float in [0, 1] is a fraction of the run's ``total_steps`` optimizer steps (1.0 is the
+    last step, ``total_steps - 1``), an int an optimizer step. ``total_steps`` is None when the
+    run's length is unknown (an IterableDataset with ``max_epochs`` only)."""
     if isinstance(point, float):
-        if not 0.0 <= point <= 1.0:
-            raise ValueError(f"{what}={point} is a fraction of training and must lie in [0, 1]; pass an int for a step.")
-        if total_steps == float("inf"):
-            raise ValueError(f"{what}={point} is a fraction of training; set max_steps or max_epochs.")
-        return int(round(point * total_steps))
-    if point < 0:
-        raise ValueError(f"{what}={point} must be >= 0.")
+        if total_steps is None:
+            raise ValueError(f"{what}={point} is a fraction of training, but the run's length is unknown (an "
+                             "IterableDataset with max_epochs only): set Trainer(max_steps=...) or give an int step.")
+        return min(int(round(point * total_steps)), max(total_steps - 1, 0))
     return int(point)
 
 
@@ -48,25 +49,30 @@ class SparsitySchedule:
     initial: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("cubic", "linear", "one_shot"):
-            raise ValueError(f"schedule kind={self.kind!r} must be 'cubic', 'linear' or 'one_shot'.")
-        if self.every_n_steps < 1:
-            raise ValueError(f"schedule every_n_steps={self.every_n_steps} must be >= 1.")
-        if not 0.0 <= self.initial < 1.0:
-            raise ValueError(f"schedule initial={self.initial} must lie in [0, 1).")
+        check_choice("schedule kind", self.kind, ("cubic", "linear", "one_shot"))
+        self.start = check_step("schedule start", self.start)
+        self.end = check_step("schedule end", self.end)
+        self.every_n_steps = check_int("schedule every_n_steps", self.every_n_steps, low=1)
+        self.initial = check_real("schedule initial", self.initial, low=0.0, high=1.0, high_open=True)
         if type(self.start) is type(self.end) and self.start > self.end:
             raise ValueError(f"schedule start={self.start} is after end={self.end}: swap them.")
 
-    def resolve(self, total_steps: int | float) -> tuple[int, int]:
-        """``(start_step, end_step)`` for a run of ``total_steps`` optimizer steps."""
+    def resolve(self, total_steps: int | None, squeeze: bool = False) -> tuple[int, int]:
+        """``(start_step, end_step)`` for a run of ``total_steps`` optimizer steps (None: unknown).
+
+        With ``squeeze`` (a smoke test of a few steps) steps beyond the run become its last step
+        instead of an error."""
         start = resolve_step(self.start, total_steps, "schedule start")
         end = start if self.kind == "one_shot" else resolve_step(self.end, total_steps, "schedule end")
         if start > end:
             raise ValueError(f"schedule start={self.start} (step {start}) is after end={self.end} (step {end}).")
-        if total_steps != float("inf") and end > total_steps:
+        if squeeze and total_steps is not None:
+            return min(start, total_steps - 1), min(end, total_steps - 1)
+        if total_steps is not None and end >= total_steps:
+            what = f"start={self.start}" if self.kind == "one_shot" else f"end={self.end}"
             raise ValueError(
-                f"schedule end={self.end} is step {end}, but training stops at step {int(total_steps)}: "
-                "end earlier or train longer."
+                f"schedule {what} is step {end}, but training stops at step {total_steps} (its last optimizer step is "
+                f"{total_steps - 1}): end earlier or train longer."
             )
         return start, end
 

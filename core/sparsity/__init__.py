@@ -1,7 +1,7 @@
 """Sparsity: one mask engine, mask selection, layer allocation, scores and policies."""
 
 from .allocation import Allocation, allocate, erk_densities, lamp_scores
-from .dst import cosine_drop_fraction, drop_and_grow, fanin_masks, random_masks, srigl_update
+from .dst import cosine_drop_fraction, drop_and_grow, fanin_masks, growth_scores, random_masks, srigl_update
 from .engine import MaskEngine, mask_name, masked_bits_
 from .export import export_sparse_
 from .masks import check_nm, nm_mask, parse_pattern, topk_mask
@@ -22,6 +22,7 @@ __all__ = [
     "export_sparse_",
     "fanin_masks",
     "gradient_score",
+    "growth_scores",
     "lamp_scores",
     "magnitude_score",
     "mask_name",

@@ -1,5 +1,9 @@
 """Dynamic sparse training policies: which weights to drop and which to grow at an update.
 
+Tensors are given ``[out, in, ...]`` (``lichtenberg.core.layers.as_rows`` views): SRigL's
+fan-in runs along the inputs. Non-finite gradients (an overflowing fp16 loss scale) score 0
+for growth, and NaN weights rank last: exact counts whatever the gradients hold.
+
 All policies keep the masks' per-layer counts (SET, RigL, SRigL) or follow a pruning
 schedule (GraNet); the engine installs the result (grown weights start at zero, optimizer
 state of changed slots is reset). Selection is ``topk_mask`` (kthvalue, ties by lowest
@@ -24,9 +28,14 @@ import math
 import torch
 from torch import Tensor
 
-from .masks import topk_mask
+from .masks import _nan_lowest, topk_mask
 
-__all__ = ["cosine_drop_fraction", "drop_and_grow", "fanin_masks", "random_masks", "srigl_update"]
+__all__ = ["cosine_drop_fraction", "drop_and_grow", "fanin_masks", "growth_scores", "random_masks", "srigl_update"]
+
+
+def growth_scores(grad: Tensor) -> Tensor:
+    """|grad| as float with NaN and +-inf scored 0: an overflowed slot is no evidence to grow it."""
+    return torch.nan_to_num(grad.detach().abs().float(), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def cosine_drop_fraction(step: int, start: int, end: int, initial: float) -> float:
@@ -59,7 +68,7 @@ def _row_top(scores: Tensor, k: int) -> Tensor:
     """Keep the ``k`` highest scores of every row (ties by lowest column)."""
     keep = torch.zeros_like(scores, dtype=torch.bool)
     if k > 0:
-        keep.scatter_(1, scores.argsort(dim=1, descending=True, stable=True)[:, :k], True)
+        keep.scatter_(1, _nan_lowest(scores).argsort(dim=1, descending=True, stable=True)[:, :k], True)
     return keep
 
 
@@ -72,7 +81,7 @@ def drop_and_grow(weight: Tensor, mask: Tensor, n: int, grow_scores: Tensor) -> 
     active = int(mask.sum())
     n = min(n, active)
     keep = topk_mask(torch.where(mask, weight.abs().float(), -1.0), active - n)
-    grown = topk_mask(torch.where(keep, -1.0, grow_scores.float()), n)
+    grown = topk_mask(torch.where(keep, -1.0, torch.nan_to_num(grow_scores.float(), 0.0, 0.0, 0.0)), n)
     return keep | grown
 
 
@@ -97,7 +106,7 @@ def srigl_update(
         (new mask, new alive).
     """
     w = weight.detach().abs().float().reshape(weight.shape[0], -1)  # [out, fan_in]
-    g = grad.detach().abs().float().reshape(w.shape)
+    g = growth_scores(grad).reshape(w.shape)
     m = mask.reshape(w.shape)
     k = int(m[alive].sum(1).max()) if alive.any() else 0
     budget = int(m.sum())

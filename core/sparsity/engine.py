@@ -11,10 +11,11 @@ place; there is no forward-time reparametrisation and no inference overhead:
   is untouched. On CPU this runs 3x faster than ``torch.where`` with a bool mask and needs
   no float copy of the mask;
 - when a mask changes, every optimizer state tensor shaped like the parameter (SGD momentum,
-  Adam moments, ...) is zeroed in the changed slots, and regrown weights start at zero.
+  Adam moments, ...) is zeroed in the changed slots, and regrown weights start at zero (a
+  non-finite gradient they still hold from their pruned past is dropped).
 
 Example:
-    >>> engine = MaskEngine.attach_(model, {"fc.weight": model.fc.weight})
+    >>> engine = MaskEngine.attach_(model, {"fc.weight": model.fc.weight})   # or from a Selection
     >>> engine.set_masks_({"fc.weight": topk_mask(model.fc.weight.abs(), k)}, [optimizer])
     >>> ...  # each step: engine.mask_grads_(); optimizer.step(); engine.apply_()
     >>> engine.squash_()  # plain module, weights already zero where pruned
@@ -26,6 +27,8 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
+
+from ..layers import LayerKind, as_rows, from_rows
 
 __all__ = ["MaskEngine", "mask_name", "masked_bits_"]
 
@@ -46,37 +49,78 @@ def mask_name(param_name: str) -> str:
 class MaskEngine:
     """Bool masks beside target parameters, by parameter name.
 
+    A tensor reachable under several names (tied weights) has one mask, registered as the
+    ``<leaf>_mask`` buffer under every one of them: whatever finds a weight by any of its
+    names (averaging, fake-quant layers, export) finds its mask too.
+
     Args:
         model: the module owning the parameters.
         params: target parameters by qualified name.
+        kinds: layer kind per name (which axis holds the outputs); default ``[out, ...]``.
+        aliases: other names of each target tensor (``Selection.aliases``).
     """
 
-    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter]):
+    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], kinds: dict[str, LayerKind] | None = None,
+                 aliases: dict[str, Iterable[str]] | None = None):
         self.model = model
         self.params = dict(params)
+        self.kinds = dict(kinds or {})
+        self.aliases = {n: [a for a in (aliases or {}).get(n, ()) if a != n] for n in self.params}
         self.masks: dict[str, Tensor] = {}
+        self.fresh: set[str] = set()  # masks created here; the others were already on the model
         for name, param in self.params.items():
-            owner, _, leaf = name.rpartition(".")
-            module = model.get_submodule(owner)
-            key = f"{leaf}_mask"
-            if not isinstance(getattr(module, key, None), Tensor):
-                module.register_buffer(key, torch.ones_like(param, dtype=torch.bool))
-            self.masks[name] = getattr(module, key)
+            found = [m for m in map(self._buffer, self.names(name)) if m is not None]
+            if not found:
+                self.fresh.add(name)
+            self.masks[name] = found[0] if found else torch.ones_like(param, dtype=torch.bool)
+        self._tie()
 
     @classmethod
-    def attach_(cls, model: nn.Module, params: dict[str, nn.Parameter]) -> MaskEngine:
+    def attach_(cls, model: nn.Module, params: dict[str, nn.Parameter], kinds: dict[str, LayerKind] | None = None,
+                aliases: dict[str, Iterable[str]] | None = None) -> MaskEngine:
         """Register all-ones masks (or reuse existing ones) and return the engine."""
-        return cls(model, params)
+        return cls(model, params, kinds, aliases)
+
+    def names(self, name: str) -> list[str]:
+        """Every name of the target tensor ``name``, its own first."""
+        return [name, *self.aliases[name]]
+
+    def _owner(self, name: str) -> tuple[nn.Module, str]:
+        owner, _, leaf = name.rpartition(".")
+        return self.model.get_submodule(owner), f"{leaf}_mask"
+
+    def _buffer(self, name: str) -> Tensor | None:
+        module, key = self._owner(name)
+        mask = module._buffers.get(key)
+        return mask if mask is not None and mask.dtype == torch.bool else None
+
+    def _tie(self) -> None:
+        for name, mask in self.masks.items():
+            for alias in self.names(name):
+                module, key = self._owner(alias)
+                if module._buffers.get(key) is not mask:
+                    module._buffers.pop(key, None)
+                    module.register_buffer(key, mask)
 
     def rebind_(self) -> None:
-        """Re-read the mask buffers after a checkpoint or device move replaced them."""
-        for name in self.params:
-            owner, _, leaf = name.rpartition(".")
-            self.masks[name] = getattr(self.model.get_submodule(owner), f"{leaf}_mask")
+        """Re-read the mask buffers after a checkpoint or device move replaced them (and re-tie
+        aliases: moving a module copies each owner's buffers separately)."""
+        self.masks = {name: self._buffer(name) for name in self.params}
+        self._tie()
 
     @property
     def buffer_names(self) -> list[str]:
-        return [mask_name(n) for n in self.params]
+        return [mask_name(a) for n in self.params for a in self.names(n)]
+
+    def rows(self, name: str, tensor: Tensor) -> Tensor:
+        """``tensor`` (shaped like parameter ``name``) viewed ``[out, in, ...]``."""
+        kind = self.kinds.get(name)
+        return tensor if kind is None else as_rows(tensor, kind)
+
+    def from_rows(self, name: str, tensor: Tensor) -> Tensor:
+        """Inverse of :meth:`rows`."""
+        kind = self.kinds.get(name)
+        return tensor if kind is None else from_rows(tensor, kind)
 
     @torch.no_grad()
     def apply_(self) -> None:
@@ -84,9 +128,9 @@ class MaskEngine:
         masked_bits_([p.detach() for p in self.params.values()], list(self.masks.values()))
 
     @torch.no_grad()
-    def mask_grads_(self) -> None:
-        """Zero the gradients of pruned weights in place, NaN-safe."""
-        names = [n for n, p in self.params.items() if p.grad is not None]
+    def mask_grads_(self, names: Iterable[str] | None = None) -> None:
+        """Zero the gradients of pruned weights in place, NaN-safe (all targets, or ``names``)."""
+        names = [n for n in (self.params if names is None else names) if self.params[n].grad is not None]
         masked_bits_([self.params[n].grad for n in names], [self.masks[n] for n in names])
 
     @torch.no_grad()
@@ -101,6 +145,8 @@ class MaskEngine:
             param = self.params[name]
             grown = mask & ~old
             param.masked_fill_(grown, 0.0)  # regrown weights start at zero
+            if param.grad is not None:  # ... and take no non-finite gradient from their pruned past
+                param.grad.masked_fill_(grown & ~param.grad.isfinite(), 0.0)
             for state in states:
                 for value in state.get(param, {}).values():
                     if isinstance(value, Tensor) and value.shape == param.shape:
@@ -118,12 +164,13 @@ class MaskEngine:
 
     @torch.no_grad()
     def squash_(self) -> dict[str, int]:
-        """Apply the masks for good and remove the buffers; returns non-zeros per layer."""
+        """Apply the masks for good and remove the buffers (under every alias); returns non-zeros per layer."""
         self.apply_()
         nonzeros = {}
         for name, param in self.params.items():
-            owner, _, leaf = name.rpartition(".")
-            delattr(self.model.get_submodule(owner), f"{leaf}_mask")
+            for alias in self.names(name):
+                module, key = self._owner(alias)
+                module._buffers.pop(key, None)
             nonzeros[name] = int(param.count_nonzero())
         self.masks = {}
         self.params = {}

@@ -33,18 +33,25 @@ def export_sparse_(model: nn.Module, layout: Literal["dense", "csr", "semi_struc
     if layout == "semi_structured" and not torch.cuda.is_available():
         raise ValueError("layout='semi_structured' needs a CUDA device (2:4 kernels); use 'dense' or 'csr' on CPU.")
     report: dict[str, dict] = {}
+    done: dict[int, nn.Parameter | None] = {}  # a tied weight carries one mask under every alias
     for owner_name, owner in list(model.named_modules()):
         for key in [k for k, b in owner._buffers.items() if k.endswith("_mask") and b is not None and b.dtype == torch.bool]:
             leaf = key[: -len("_mask")]
             param = getattr(owner, leaf)
             mask = owner._buffers.pop(key)
+            if id(param) in done:  # an alias: apply nothing twice, keep it tied to the new tensor
+                if done[id(param)] is not None:
+                    setattr(owner, leaf, done[id(param)])
+                continue
             param.mul_(mask)
+            done[id(param)] = None
             name = f"{owner_name}.{leaf}" if owner_name else leaf
             nnz = int(param.count_nonzero())
             report[name] = {"shape": tuple(param.shape), "nonzeros": nnz, "density": nnz / param.numel()}
             if layout != "dense" and param.dim() == 2:
                 sparse = param.detach().to_sparse_csr() if layout == "csr" else torch.sparse.to_sparse_semi_structured(param.detach())
-                setattr(owner, leaf, nn.Parameter(sparse, requires_grad=False))
+                done[id(param)] = nn.Parameter(sparse, requires_grad=False)
+                setattr(owner, leaf, done[id(param)])
                 report[name]["layout"] = layout
     if not report:
         raise ValueError("the model carries no `<param>_mask` buffers: nothing to export.")

@@ -2,7 +2,8 @@
 
 Selection is O(N) with ``kthvalue`` (never a full sort) and deterministic: among scores
 equal to the threshold, the lowest flat indices are kept. Every rank computing a mask from
-the same scores therefore gets the same mask.
+the same scores therefore gets the same mask. A NaN score ranks below every number (an
+overflowing gradient never wins a slot, and exactly ``k`` entries are always kept).
 
 Example:
     >>> mask = topk_mask(weight.abs(), k=weight.numel() // 10)   # 90% sparse
@@ -27,13 +28,21 @@ def topk_mask(scores: Tensor, k: int) -> Tensor:
         return torch.zeros_like(flat, dtype=torch.bool).view_as(scores)
     if k == n:
         return torch.ones_like(flat, dtype=torch.bool).view_as(scores)
+    flat = _nan_lowest(flat)
     # The (n - k + 1)-th smallest value is the k-th largest: the keep threshold.
-    threshold = flat.float().kthvalue(n - k + 1).values
+    threshold = flat.kthvalue(n - k + 1).values
     keep = flat > threshold
     ties = (flat == threshold).nonzero().squeeze(1)  # ascending flat indices
     missing = k - int(keep.sum())
     keep[ties[:missing]] = True
     return keep.view_as(scores)
+
+
+def _nan_lowest(scores: Tensor) -> Tensor:
+    """Scores as float with NaN as -inf: comparisons with NaN are all False, so a NaN left in
+    would make a threshold keep fewer than k entries."""
+    scores = scores.float()
+    return torch.where(scores.isnan(), float("-inf"), scores)
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -50,7 +59,8 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
 
 
 def check_nm(name: str, shape: torch.Size, m: int) -> None:
-    """N:M groups run along the input dimension(s): their size must be a multiple of M."""
+    """N:M groups run along the input dimension(s) of a ``[out, in, ...]`` shape (see
+    ``lichtenberg.core.layers.as_rows``): their size must be a multiple of M."""
     fan_in = int(torch.Size(shape[1:]).numel()) if len(shape) > 1 else int(shape[0])
     if fan_in % m:
         raise ValueError(
@@ -60,11 +70,12 @@ def check_nm(name: str, shape: torch.Size, m: int) -> None:
 
 
 def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
-    """Keep the ``n`` largest of every ``m`` consecutive entries along the flattened input dims."""
+    """Keep the ``n`` largest of every ``m`` consecutive entries along the flattened input dims
+    of ``[out, in, ...]`` scores (give other layouts as ``as_rows`` views)."""
     rows = scores.reshape(scores.shape[0], -1) if scores.dim() > 1 else scores.reshape(1, -1)
     groups = rows.reshape(rows.shape[0], -1, m)  # [out, in/m, m]
     # A stable descending sort of a 4- or 8-wide group is cheap and breaks ties by position.
-    order = groups.float().argsort(dim=-1, descending=True, stable=True)
+    order = _nan_lowest(groups).argsort(dim=-1, descending=True, stable=True)
     keep = torch.zeros_like(groups, dtype=torch.bool)
     keep.scatter_(-1, order[..., :n], True)
     return keep.reshape(scores.shape)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..layers import layer_kind
+
 __all__ = ["InputNorms", "gradient_score", "magnitude_score", "wanda_score"]
 
 
@@ -29,18 +31,28 @@ def gradient_score(weight: Tensor) -> Tensor:
     return (weight.detach() * weight.grad).abs()
 
 
-def wanda_score(weight: Tensor, input_sq_norm: Tensor) -> Tensor:
-    """``|W| * ||X_j||`` broadcast over the input dimension (dim 1 of Linear and Conv weights)."""
+def wanda_score(weight: Tensor, input_sq_norm: Tensor, groups: int = 1) -> Tensor:
+    """``|W| * ||X_j||`` for ``weight`` as rows ``[out, in / groups, ...]`` (``layers.as_rows``).
+
+    ``input_sq_norm`` holds one squared norm per input feature ``[in]``; with ``groups`` > 1
+    (grouped and depthwise convolutions) output row o sees only its group's inputs.
+    """
     norm = input_sq_norm.sqrt().to(weight.dtype)
-    shape = [1, -1] + [1] * (weight.dim() - 2)  # [1, in, 1, 1] for conv
-    return weight.detach().abs() * norm.view(shape)
+    w = weight.detach().abs()
+    per_group = norm.view(groups, -1)  # [groups, in / groups]
+    if per_group.shape[1] != w.shape[1]:
+        raise ValueError(f"wanda: {per_group.shape[1]} input features per group but the weight has {w.shape[1]} "
+                         "inputs per output: pass the weight as rows [out, in, ...] and the layer's groups.")
+    cols = per_group.repeat_interleave(w.shape[0] // groups, dim=0)  # [out, in / groups]
+    return w * cols.view(*cols.shape, *[1] * (w.dim() - 2))
 
 
 class InputNorms:
     """Accumulates per-input-feature squared L2 norms of the inputs of selected modules.
 
     Args:
-        modules: module by parameter name (Linear, Conv1d/2d, Embedding are understood).
+        modules: module by parameter name; where each keeps its input features comes from its
+            layer kind (``lichtenberg.core.layers``); index inputs (Embedding) are skipped.
     """
 
     def __init__(self, modules: dict[str, nn.Module]):
@@ -49,14 +61,14 @@ class InputNorms:
         self._handles: list = []
 
     def _hook(self, name: str):
+        found = layer_kind(self.modules[name])
+        features = -1 if found is None else found[0].features
+
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            if isinstance(module, nn.Embedding):  # inputs are ids: every "feature" is one row
+            if features is None:  # inputs are ids: every "feature" is one row
                 return
-            if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-                sq = x.float().pow(2).transpose(0, 1).reshape(x.shape[1], -1).sum(1)  # [in_channels]
-            else:
-                sq = x.float().pow(2).reshape(-1, x.shape[-1]).sum(0)  # [in_features]
+            x = args[0].detach().float()
+            sq = x.pow(2).movedim(features, -1).reshape(-1, x.shape[features]).sum(0)  # [in_features]
             self.sums[name] = self.sums[name] + sq if name in self.sums else sq
         return hook
 

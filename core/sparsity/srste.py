@@ -8,6 +8,9 @@ from |W| after every step, settles instead of flipping back and forth.
 The parameter itself holds the sparse weight between steps (what validation, checkpoints and
 export see); the dense latent weight lives here and is restored only around the optimizer
 step. Cost: one extra float copy of the target weights and one N:M selection per step.
+Gradients of pruned slots flow to the latent weight by design (straight-through), but a
+non-finite one (an overflowing fp16 loss scale) is dropped there: it would poison the latent
+weight for good.
 
 Example:
     >>> srste = SRSTE(engine, n=2, m=4, decay=2e-4)
@@ -47,13 +50,14 @@ class SRSTE:
         if not self.latent:  # first step: the parameters are still dense
             self.latent = {n: p.detach().clone() for n, p in params.items()}
             for name, p in params.items():
-                masks[name].copy_(nm_mask(p.detach().abs(), self.n, self.m))
+                masks[name].copy_(self._nm(name, p))
         else:
             names = list(params)
             torch._foreach_copy_([params[n].detach() for n in names], [self.latent[n] for n in names])
         for name, p in params.items():
-            if p.grad is not None and self.decay:
-                p.grad.add_(torch.where(masks[name], 0.0, p.detach()), alpha=self.decay)
+            if p.grad is not None:  # pruned slots: finite gradient + decay * W (one pass)
+                pruned = torch.nan_to_num(p.grad, 0.0, 0.0, 0.0).add_(p.detach(), alpha=self.decay)
+                p.grad.copy_(torch.where(masks[name], p.grad, pruned))
 
     @torch.no_grad()
     def after_step_(self) -> None:
@@ -62,8 +66,13 @@ class SRSTE:
             return
         for name, p in self.engine.params.items():
             self.latent[name].copy_(p)
-            self.engine.masks[name].copy_(nm_mask(p.abs(), self.n, self.m))
+            self.engine.masks[name].copy_(self._nm(name, p))
         self.engine.apply_()
+
+    def _nm(self, name: str, weight: Tensor) -> Tensor:
+        """The N:M mask of ``weight``'s magnitudes, grouped along its inputs."""
+        rows = self.engine.rows(name, weight.detach().abs())
+        return self.engine.from_rows(name, nm_mask(rows, self.n, self.m))
 
     def state_dict(self) -> dict[str, Tensor]:
         return dict(self.latent)

@@ -130,7 +130,7 @@ def test_dense_gradient_is_read_before_masking_and_not_kept():
     dst = DynamicSparseTraining(0.75, "rigl", SCHEDULE)
     trainer, model = fit([dst])
     # no dense-gradient copy lives in the callback: its state is masks' bookkeeping only
-    assert set(dst.state_dict()) == {"generator", "updates", "churn", "ever", "alive"}
+    assert set(dst.state_dict()) == {"generator", "updates", "churn", "ever", "alive", "config"}
     for name, param in dst.engine.params.items():
         assert param.grad is None or (param.grad[~dst.engine.masks[name]] == 0).all()
 
