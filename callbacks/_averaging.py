@@ -1,10 +1,11 @@
 """What EMA and SWA share: averaged copies beside training, evaluation and shipping on them.
 
 Lifecycle (see docs/design.md):
-- ``setup``: copies of every parameter and persistent buffer, keyed by name. Done before
-  Lightning restores a checkpoint, so a resumed run loads its averages into them.
-- ``on_fit_start``: move the copies next to the weights (or keep them on the CPU), pick up
-  tensors created in ``configure_model``, bind by name.
+- ``setup`` of a fit: copies of every parameter and persistent buffer of the model as it is,
+  keyed by name, made right after the module's ``configure_model`` (its layers included) and
+  before Lightning restores a checkpoint, so a resumed run loads its averages into them.
+  Nothing of an earlier fit is kept: a reused instance starts from the model's current weights.
+- ``on_fit_start``: move the copies next to the weights (or keep them on the CPU), bind by name.
 - after each optimizer step (or epoch) the subclass says whether to update and with what weight.
 - validation / test swap the averages in and the raw weights back out.
 - ``on_train_end`` leaves the averaged weights in the module (shippable); checkpoints always
@@ -17,14 +18,16 @@ one that applies at the end) swaps weights; the others keep their averages in th
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ..core.averaging import AveragedWeights, load_tensors_
+from ..core.checks import check_bool
+from ._base import _Base, after_configure_model
 from ._strategy import refuse_sharded
 from ._summary import format_table
 
@@ -32,20 +35,21 @@ __all__: list[str] = []
 
 
 
-class _Averaging(Callback):
+class _Averaging(_Base):
     """Base of the averaging callbacks. Subclasses override ``_weight`` and the two ``_due_*``."""
 
     name = "averaging"
+    _resume_free = ("offload_to_cpu", "evaluate_averaged", "apply_at_end")
 
     def __init__(self, evaluate_averaged: bool, apply_at_end: bool, offload_to_cpu: bool) -> None:
-        self.evaluate_averaged = evaluate_averaged
-        self.apply_at_end = apply_at_end
-        self.offload_to_cpu = offload_to_cpu
+        self.evaluate_averaged = check_bool(f"{type(self).__name__} evaluate_averaged", evaluate_averaged)
+        self.apply_at_end = check_bool(f"{type(self).__name__} apply_at_end", apply_at_end)
+        self.offload_to_cpu = check_bool(f"{type(self).__name__} offload_to_cpu", offload_to_cpu)
         self.averaged: AveragedWeights | None = None
         self._last_step = 0  # global_step when updates were last considered
         self._raw: dict[str, torch.Tensor] | None = None  # raw weights while the module holds averages
         self._held_for_eval = False
-        self._pending: dict[str, Any] = {}  # checkpoint state not applicable yet
+        self._pending: dict[str, Any] = {}  # state loaded before any binding, applied at the next one
         self._evaluates = evaluate_averaged
         self._applies = apply_at_end
 
@@ -74,30 +78,21 @@ class _Averaging(Callback):
                 f"{type(self).__name__}: another averaging callback later in `callbacks` swaps its "
                 "weights in for evaluation / at the end; this one keeps its average in its state."
             )
-        if self.averaged is None:
-            self.averaged = AveragedWeights(pl_module, device="cpu" if self.offload_to_cpu else None)
+        if stage != "fit" and self.averaged is not None and self.averaged.bound_to(pl_module):
+            return  # e.g. trainer.test right after fit: the module may hold the averages already
+        self.averaged, self._raw, self._held_for_eval = None, None, False
+        after_configure_model(pl_module, partial(self._bind, pl_module))
+
+    def _bind(self, pl_module: pl.LightningModule) -> None:
+        self.averaged = AveragedWeights(pl_module, device="cpu" if self.offload_to_cpu else None)
         if self._pending:
-            self.load_state_dict(self._pending)
-        if stage == "fit" and self._raw is not None:  # a second fit trains on from the raw weights
-            self._release_averaged()
-            rank_zero_info(f"{type(self).__name__}: restored the raw weights to continue training.")
+            self._load_state(self._pending)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.averaged is not None
         if not self.offload_to_cpu:
             self.averaged.to_(pl_module.device)
-        new = self.averaged.add_(pl_module)  # layers built in configure_model
-        if new:
-            rank_zero_info(f"{type(self).__name__}: also averaging {len(new)} tensors created after setup.")
-        if self._pending:
-            tensors = self._pending["tensors"]
-            unknown = self.averaged.load_state_dict({"num_updates": self.averaged.num_updates, "tensors": tensors})
-            if unknown:
-                raise ValueError(
-                    f"{type(self).__name__}: the checkpoint holds averages of {sorted(unknown)[:5]}, which this "
-                    "model does not have; resume with the model the checkpoint was trained with."
-                )
-        self._pending = {}
+        self.averaged.bind_(pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning restores global_step only after on_fit_start; from here on it is final.
@@ -210,12 +205,12 @@ class _Averaging(Callback):
                 state[key] = self._raw[name].clone()
         checkpoint["state_dict"] = state
 
-    def state_dict(self) -> dict[str, Any]:
-        if self.averaged is None:  # loaded but not set up yet
+    def _state(self) -> dict[str, Any]:
+        if self.averaged is None:  # loaded but not bound yet
             return dict(self._pending)
         return self.averaged.state_dict()
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def _load_state(self, state_dict: dict[str, Any]) -> None:
         self._raw = None  # the model was (re)loaded with raw weights
         self._held_for_eval = False
         if self.averaged is None:
@@ -223,5 +218,8 @@ class _Averaging(Callback):
             return
         self._pending = {}
         unknown = self.averaged.load_state_dict(state_dict)
-        if unknown:  # created in configure_model: applied at on_fit_start
-            self._pending = {"tensors": unknown}
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__}: the checkpoint holds averages of {sorted(unknown)[:5]}, which this model "
+                "does not have; resume with the model the checkpoint was trained with."
+            )

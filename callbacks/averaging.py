@@ -14,6 +14,9 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ..core.averaging import batchnorm_layers, ema_decay, load_tensors_, update_bn_
+from ..core.checks import check_choice, check_int, check_real
+from ..core.schedules import resolve_step
+from ._base import never_acts, overrides, run_length
 from ._averaging import _Averaging
 
 __all__ = ["EMA", "SWA"]
@@ -58,16 +61,16 @@ class EMA(_Averaging):
         evaluate_averaged: bool = True,
         apply_at_end: bool = True,
     ) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"EMA decay={decay} must lie in (0, 1); typical values are 0.999 to 0.9999.")
-        if warmup_power is not None and warmup_power <= 0:
-            raise ValueError(f"EMA warmup_power={warmup_power} must be > 0 (2/3 or 3/4), or None for no warm-up.")
-        if warmup_gamma <= 0:
-            raise ValueError(f"EMA warmup_gamma={warmup_gamma} must be > 0 (1.0 is the usual value).")
-        if start_step < 0:
-            raise ValueError(f"EMA start_step={start_step} must be >= 0 (0 averages from the first step).")
-        if every_n_steps < 1:
-            raise ValueError(f"EMA every_n_steps={every_n_steps} must be >= 1 (1 updates after every optimizer step).")
+        decay = check_real("EMA decay", decay, low=0.0, high=1.0, low_open=True, high_open=True,
+                           fix="typical values are 0.999 to 0.9999")
+        if warmup_power is not None:
+            warmup_power = check_real("EMA warmup_power", warmup_power, low=0.0, low_open=True,
+                                      fix="2/3 or 3/4, or None for no warm-up")
+        warmup_gamma = check_real("EMA warmup_gamma", warmup_gamma, low=0.0, low_open=True, fix="1.0 is the usual value")
+        if warmup_power is None and warmup_gamma != 1.0:
+            raise ValueError(f"EMA warmup_gamma={warmup_gamma} has no effect with warmup_power=None: drop one of them.")
+        start_step = check_int("EMA start_step", start_step, low=0, fix="0 averages from the first step")
+        every_n_steps = check_int("EMA every_n_steps", every_n_steps, low=1, fix="1 updates after every optimizer step")
         super().__init__(evaluate_averaged, apply_at_end, offload_to_cpu)
         self.decay = decay
         self.warmup_power = warmup_power
@@ -89,6 +92,15 @@ class EMA(_Averaging):
 
     def _due_after_step(self, step: int) -> bool:
         return step > self.start_step and step % self.every_n_steps == 0
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        total = run_length(trainer)
+        first = (self.start_step // self.every_n_steps + 1) * self.every_n_steps
+        if total is not None and first > total:
+            never_acts(trainer, f"EMA start_step={self.start_step}, every_n_steps={self.every_n_steps}: the first update "
+                       f"would follow optimizer step {first}, but training stops at step {total}: start earlier, update "
+                       "more often or train longer.")
 
     def _summary_rows(self) -> list[tuple[str, str]]:
         rows = [("decay (target / last)", f"{self.decay} / {self.current_decay():.6f}")]
@@ -138,21 +150,20 @@ class SWA(_Averaging):
         evaluate_averaged: bool = True,
         apply_at_end: bool = True,
     ) -> None:
-        if isinstance(start, float) and not 0.0 <= start < 1.0:
-            raise ValueError(
-                f"SWA start={start} is a fraction of training and must lie in [0, 1); "
-                "pass an int for an optimizer step."
-            )
-        if start < 0:
-            raise ValueError(f"SWA start={start} must be >= 0.")
-        if every_n < 1:
-            raise ValueError(f"SWA every_n={every_n} must be >= 1.")
-        if interval not in ("epoch", "step"):
-            raise ValueError(f"SWA interval={interval!r} must be 'epoch' or 'step'.")
-        if swa_lr is not None and swa_lr <= 0:
-            raise ValueError(f"SWA swa_lr={swa_lr} must be > 0, or None to keep the user's schedule.")
-        if bn_batches is not None and bn_batches < 0:
-            raise ValueError(f"SWA bn_batches={bn_batches} must be >= 0 (0 skips the pass, None uses one epoch).")
+        if isinstance(start, float):
+            start = check_real("SWA start", start, low=0.0, high=1.0, high_open=True,
+                               fix="a float is a fraction of training; pass an int for an optimizer step")
+        else:
+            start = check_int("SWA start", start, low=0, fix="an int is an optimizer step; a float in [0, 1) a fraction")
+        every_n = check_int("SWA every_n", every_n, low=1)
+        interval = check_choice("SWA interval", interval, ("epoch", "step"))
+        if swa_lr is not None:
+            swa_lr = check_real("SWA swa_lr", swa_lr, low=0.0, low_open=True, fix="or None to keep the user's schedule")
+        if bn_batches is not None:
+            bn_batches = check_int("SWA bn_batches", bn_batches, low=0, fix="0 skips the pass, None uses one epoch")
+            if not apply_at_end:
+                raise ValueError(f"SWA bn_batches={bn_batches} has no effect with apply_at_end=False (the BatchNorm "
+                                 "pass runs when the average is applied): drop one of them.")
         super().__init__(evaluate_averaged, apply_at_end, offload_to_cpu)
         self.start = start
         self.every_n = every_n
@@ -168,17 +179,34 @@ class SWA(_Averaging):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        total = trainer.estimated_stepping_batches
-        if isinstance(self.start, float):
-            if not math.isfinite(total):
-                raise ValueError(f"SWA start={self.start} is a fraction of training; set max_steps or max_epochs.")
-            self._start_step = int(self.start * total)
-        if math.isfinite(total) and self._start_step >= total:
+        total = run_length(trainer)
+        self._start_step = resolve_step(self.start, total, "SWA start") if isinstance(self.start, float) else self.start
+        if total is not None and self._start_step >= total:
+            never_acts(trainer, f"SWA start={self.start} is optimizer step {self._start_step}, but training ends at step "
+                       f"{total}: start earlier or train longer.")
+        elif total is not None and not self._updates_in(trainer, total):
+            never_acts(trainer, f"SWA every_n={self.every_n} {self.interval}(s) from optimizer step {self._start_step} "
+                       f"never adds a snapshot in this run ({total} steps, max_epochs={trainer.max_epochs}): lower every_n "
+                       "or train longer.")
+        if (self.apply_at_end and self.bn_batches != 0 and batchnorm_layers(pl_module)
+                and type(self).bn_forward is SWA.bn_forward and not overrides(pl_module, "forward")):
             raise ValueError(
-                f"SWA start={self.start} is optimizer step {self._start_step}, but training ends at step "
-                f"{int(total)}: start earlier or train longer."
+                f"SWA re-estimates BatchNorm statistics at the end with `bn_forward`, which calls the module, but "
+                f"{type(pl_module).__name__} defines no forward: override SWA.bn_forward(pl_module, batch) to run your "
+                "layers, or pass bn_batches=0 to skip the pass."
             )
         rank_zero_info(f"SWA: averaging from optimizer step {self._start_step}, every {self.every_n} {self.interval}(s).")
+
+    def _updates_in(self, trainer: pl.Trainer, total: int) -> bool:
+        """Whether any snapshot falls within a run of ``total`` optimizer steps."""
+        if self.interval == "step":
+            return (self._start_step // self.every_n + 1) * self.every_n <= total
+        batches, epochs = trainer.num_training_batches, trainer.max_epochs
+        if not epochs or epochs < 0 or not math.isfinite(batches):
+            return True  # epoch length unknown: nothing to check
+        per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+        epochs = min(epochs, math.ceil(total / per_epoch))
+        return any((e + 1) % self.every_n == 0 and min((e + 1) * per_epoch, total) > self._start_step for e in range(epochs))
 
     def _weight(self) -> float:
         assert self.averaged is not None
@@ -206,8 +234,14 @@ class SWA(_Averaging):
         layers = batchnorm_layers(pl_module)
         if not layers or self.bn_batches == 0:
             return
-        batches = (trainer.strategy.batch_to_device(b) for b in trainer.train_dataloader)
-        self._bn_seen = update_bn_(pl_module, batches, lambda m, b: self.bn_forward(m, b), self.bn_batches)
+        precision = trainer.precision_plugin
+        batches = (precision.convert_input(trainer.strategy.batch_to_device(b)) for b in trainer.train_dataloader)
+        try:
+            with precision.forward_context():  # the dtype and autocast the training forward ran under
+                self._bn_seen = update_bn_(pl_module, batches, lambda m, b: self.bn_forward(m, b), self.bn_batches)
+        except BaseException:  # leave the module as training left it: raw weights and their statistics
+            self._release_averaged()
+            raise
         buffers = {n: b for n, b in pl_module.named_buffers() if n in self.averaged.tensors}
         with torch.no_grad():
             for bn in layers:  # each rank saw its own shard: agree on the mean statistics

@@ -72,11 +72,23 @@ def averageable_tensors(module: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def _mask_of(module: nn.Module, name: str) -> Tensor | None:
-    """The bool ``<name>_mask`` buffer beside a tensor, if a sparsity technique attached one."""
-    owner, _, leaf = name.rpartition(".")
-    mask = module.get_submodule(owner)._buffers.get(f"{leaf}_mask")
-    return mask if mask is not None and mask.dtype == torch.bool else None
+def _mask_of(module: nn.Module, names: list[str]) -> Tensor | None:
+    """The bool ``<name>_mask`` buffer beside a tensor under any of its ``names`` (tied aliases),
+    if a sparsity technique attached one."""
+    for name in names:
+        owner, _, leaf = name.rpartition(".")
+        mask = module.get_submodule(owner)._buffers.get(f"{leaf}_mask")
+        if mask is not None and mask.dtype == torch.bool:
+            return mask
+    return None
+
+
+def _aliases(module: nn.Module) -> dict[int, list[str]]:
+    """Every name of every parameter, by tensor identity (tied weights have several)."""
+    names: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return names
 
 
 def _resolve(module: nn.Module, name: str) -> Tensor:
@@ -136,8 +148,9 @@ class AveragedWeights:
         """
         current = {name: _resolve(module, name) for name in self.tensors}
         self._current = current
-        # Averages written into a sparse model stay on its current masks.
-        masks = {name: _mask_of(module, name) for name in self.tensors}
+        # Averages written into a sparse model stay on its current masks, found under every alias.
+        aliases = _aliases(module)
+        masks = {name: _mask_of(module, aliases.get(id(current[name]), [name])) for name in self.tensors}
         self._masked = ([current[n] for n, m in masks.items() if m is not None], [m for m in masks.values() if m is not None])
         self._groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
         self._casts: list[tuple[Tensor, Tensor]] = []
@@ -153,6 +166,13 @@ class AveragedWeights:
                 curs.append(cur)
             else:
                 self._casts.append((avg, cur))
+
+    def bound_to(self, module: nn.Module) -> bool:
+        """Whether the copies are bound to ``module``'s own tensors (the same objects, by name)."""
+        try:
+            return all(_resolve(module, name) is t for name, t in self._current.items())
+        except ValueError:
+            return False
 
     @torch.no_grad()
     def update_(self, weight: float) -> None:

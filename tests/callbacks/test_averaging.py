@@ -87,19 +87,6 @@ def test_checkpoint_loads_into_a_plain_module_without_lichtenberg(tmp_path):
     TinyModel.load_from_checkpoint(path)  # strict key match: no extra or missing keys
 
 
-def test_a_second_fit_continues_from_the_raw_weights():
-    class StartWeights(Callback):
-        def on_train_start(self, trainer, pl_module):
-            self.weights = {k: v.clone() for k, v in pl_module.state_dict().items()}
-
-    ema, start = EMA(decay=0.9), StartWeights()
-    trainer, model = fit([ema], max_epochs=1)
-    raw = {k: v.clone() for k, v in ema.raw_weights.items()}
-    L.Trainer(callbacks=[ema, start], max_epochs=1, **BASE).fit(model, datamodule=TinyData())
-    assert all(torch.equal(start.weights[k], raw[k]) for k in raw)
-    assert ema.averaged.num_updates == 24  # 12 + 12: the average carried on as well
-
-
 def test_start_and_interval_count_optimizer_steps():
     ema = EMA(decay=0.9, start_step=10, every_n_steps=4)
     trainer, _ = fit([ema])  # 36 steps
@@ -222,3 +209,66 @@ def test_summary_warns_when_the_warmup_hides_the_decay():
     fine = EMA(decay=0.5)
     fit([fine])
     assert not [v for k, v in fine._summary_rows() if k == "note"]
+
+
+class NoForward(TinyModel):
+    """A module that calls its layers in training_step and defines no forward of its own."""
+
+    forward = L.LightningModule.forward
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+class Steps(Callback):
+    def __init__(self):
+        self.batches = 0
+
+    def on_train_batch_start(self, *args):
+        self.batches += 1
+
+
+def test_swa_without_forward_or_bn_forward_fails_at_fit_start():
+    # Before: the whole run trained, then the BatchNorm pass crashed in nn.Module's forward.
+    steps = Steps()
+    with pytest.raises(ValueError, match="bn_forward"):
+        fit([SWA(start=0.5), steps], model=NoForward())
+    assert steps.batches == 0
+    fit([SWA(start=0.5, bn_batches=0)], model=NoForward())  # no BatchNorm pass: nothing to run
+
+    class WithBNForward(SWA):
+        def bn_forward(self, pl_module, batch):
+            pl_module.net(batch[0])
+
+    _, model = fit([WithBNForward(start=0.5)], model=NoForward())
+    assert model.net[1].num_batches_tracked > 0
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_swa_batchnorm_pass_under_true_half_precision(precision):
+    # Before: the pass fed float32 batches to the half-precision model and crashed after the
+    # whole run, leaving the module with averaged weights and reset statistics.
+    swa = SWA(start=0.3, interval="step", every_n=3)
+    _, model = fit([swa], precision=precision)
+    bn = model.net[1]
+    assert bn.running_mean.dtype == model.net[0].weight.dtype != torch.float32
+    assert int(bn.num_batches_tracked) == 12  # one epoch of 12 batches, cumulative statistics
+    assert torch.isfinite(bn.running_var.float()).all() and not torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+
+
+def test_a_failing_batchnorm_pass_leaves_the_raw_weights():
+    class Broken(SWA):
+        def bn_forward(self, pl_module, batch):
+            raise RuntimeError("bad batch")
+
+    swa = Broken(start=0.3, interval="step", every_n=3)
+    model = TinyModel()
+    with pytest.raises(RuntimeError, match="bad batch"):
+        fit([swa], model=model)
+    assert swa.raw_weights is None  # the module was given its raw weights back
+    assert not torch.equal(model.net[0].weight, swa.averaged.tensors["net.0.weight"])
+    assert not torch.equal(model.net[1].running_var, torch.ones(16))  # statistics not left reset
