@@ -9,16 +9,20 @@ resume is bit-exact; the callback itself only derives the mode from ``global_ste
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from ..core.checks import check_choice, check_step
+from ..core.layers import KINDS, LayerKind, as_rows, layer_kind
 from ..core.quantization import ACTIVATION_METHODS, ActivationQuantizer, WeightQuantizer, prepare_, quant_modules
+from ..core.quantization.modules import _Quant
 from ..core.schedules import resolve_step
 from ..core.targets import Targets, select_targets
+from ._base import _Base, after_configure_model, never_acts, run_length
 from ._strategy import refuse_sharded
 from ._summary import format_table
 
@@ -33,11 +37,14 @@ def _kind(bits: Any) -> str:
     return bits if bits in ("ternary", "binary") else "int"
 
 
-class QuantizationAwareTraining(Callback):
+class QuantizationAwareTraining(_Base):
     """Train with fake-quantized weights and layer inputs, then export integers.
 
-    Targets default to every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Embedding``.
-    The log says which layers are quantized and why the others are not. Attach
+    Targets default to every ``nn.Linear``, ``nn.Conv1d/2d/3d``, Hugging Face ``Conv1D`` and
+    ``nn.Embedding``; every module holding a target weight under another name (a tied output
+    head) is quantized with it, by the same quantizer. The log says which layers are quantized
+    and why the others are not; layers that cannot be (unknown types, subclasses with their
+    own forward) are warnings. Attach
     GradualPruning / DynamicSparseTraining as well and the mask applies to the latent float
     weight first: pruned weights quantize to exactly zero.
 
@@ -71,9 +78,10 @@ class QuantizationAwareTraining(Callback):
         start_step: int | float = 0,
         freeze_step: int | float | None = None,
     ) -> None:
-        weight_bits = "binary" if weight_bits == 1 else weight_bits  # 1 bit is binary
+        if weight_bits == 1 and type(weight_bits) is int:
+            weight_bits = "binary"  # 1 bit is binary
         for what, bits in (("weight_bits", weight_bits), ("activation_bits", activation_bits)):
-            ok = bits is None or (isinstance(bits, int) and 2 <= bits <= 8) or (what == "weight_bits" and _kind(bits) != "int")
+            ok = bits is None or (type(bits) is int and 2 <= bits <= 8) or (what == "weight_bits" and bits in ("ternary", "binary"))
             if not ok:
                 extra = ', "ternary", "binary"' if what == "weight_bits" else ""
                 low = "1..8 (1 = binary)" if what == "weight_bits" else "2..8"
@@ -81,23 +89,44 @@ class QuantizationAwareTraining(Callback):
         if weight_bits is None and activation_bits is None:
             raise ValueError("weight_bits and activation_bits are both None: nothing to quantize.")
         allowed = _WEIGHT_METHODS[_kind(weight_bits)]
-        if weight_method is not None and weight_method not in allowed:
-            raise ValueError(f"weight_method={weight_method!r} does not apply to weight_bits={weight_bits!r}; use one of {allowed}.")
-        if activation_method not in ACTIVATION_METHODS:
-            raise ValueError(f"activation_method={activation_method!r} must be one of {ACTIVATION_METHODS}.")
+        if weight_method is not None and (weight_bits is None or not any(weight_method == m for m in allowed)):
+            use = "weight_method=None" if weight_bits is None else f"one of {allowed}"
+            raise ValueError(f"weight_method={weight_method!r} does not apply to weight_bits={weight_bits!r}; use {use}.")
+        check_choice("activation_method", activation_method, ACTIVATION_METHODS)
+        if activation_bits is None and activation_method != "dynamic":
+            raise ValueError(f"activation_method={activation_method!r} has no effect with activation_bits=None: "
+                             "drop it or set activation_bits.")
         self.group_size = 128
+        if not isinstance(granularity, str):
+            raise ValueError(f"granularity={granularity!r} must be 'tensor', 'channel' or 'group:N' (e.g. 'group:64').")
         if granularity.startswith("group:") and granularity[6:].isdigit() and int(granularity[6:]) > 0:
             self.group_size = int(granularity[6:])
         elif granularity not in ("tensor", "channel"):
             raise ValueError(f"granularity={granularity!r} must be 'tensor', 'channel' or 'group:N' (e.g. 'group:64').")
-        if isinstance(start_step, (int, float)) and isinstance(freeze_step, type(start_step)) and freeze_step <= start_step:
+        if weight_bits is None and granularity != "channel":
+            raise ValueError(f"granularity={granularity!r} has no effect with weight_bits=None: drop it or set weight_bits.")
+        if targets is not None and not isinstance(targets, Targets):
+            raise ValueError(f"targets={targets!r} must be a Targets(types=..., include=..., exclude=...).")
+        start_step = check_step("start_step", start_step)
+        if freeze_step is not None:
+            freeze_step = check_step("freeze_step", freeze_step)
+            if _kind(weight_bits) != "int":
+                raise ValueError(f"freeze_step={freeze_step} pins integer levels; weight_bits={weight_bits!r} has "
+                                 "none: drop freeze_step or use weight_bits 2..8.")
+        if isinstance(freeze_step, type(start_step)) and freeze_step <= start_step:
             raise ValueError(f"freeze_step={freeze_step} must come after start_step={start_step}.")
         self.weight_bits, self.activation_bits = weight_bits, activation_bits
         self.weight_method = weight_method or {"int": "lsq", "ternary": "stat", "binary": "reste"}[_kind(weight_bits)]
         self.activation_method, self.granularity = activation_method, granularity
-        self.targets = targets or Targets(types=["Linear", "Conv1d", "Conv2d", "Embedding"])
+        self.targets = targets or Targets(types=["Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "Embedding"])
         self.start_step, self.freeze_step = start_step, freeze_step
         self._layers: dict[str, torch.nn.Module] = {}
+        self._load_hook: Any = None
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget the model of an earlier fit (its layers stay prepared; their state is module state)."""
+        self._layers = {}
         self._start, self._freeze, self._total, self._frozen_at = 0, None, 1, -1
         self._enabled = False
 
@@ -106,56 +135,114 @@ class QuantizationAwareTraining(Callback):
         return self._generate_state_key(weight_bits=self.weight_bits, activation_bits=self.activation_bits)
 
     # -- set-up --------------------------------------------------------------------------
+    def _bound_to(self, pl_module: pl.LightningModule) -> bool:
+        if not self._layers:
+            return False
+        own = dict(pl_module.named_modules())
+        return all(own.get(n) is m for n, m in self._layers.items())
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._layers:
-            return
         refuse_sharded(self, trainer)
-        selection = select_targets(pl_module, self.targets, allow_tied=True)
+        if self._load_hook is None:
+            self._load_hook = pl_module.register_load_state_dict_pre_hook(self._check_loaded_quantizers)
+        if stage != "fit" and self._bound_to(pl_module):
+            return
+        self._reset()
+        after_configure_model(pl_module, partial(self._bind, pl_module))
+
+    def _bind(self, pl_module: pl.LightningModule) -> None:
+        selection = select_targets(pl_module, self.targets)
+        # One quantizer per tensor: every module holding a target weight (tied aliases) is swapped.
         modules = {name.rpartition(".")[0]: m for name, m in selection.modules.items()}
+        for others in selection.aliases.values():
+            modules.update({name.rpartition(".")[0]: m for name, m in others.items()})
         if self.granularity.startswith("group:"):
             bad = [n for n, m in modules.items() if m.weight[0].numel() % self.group_size]
             if bad:
                 raise ValueError(f"{bad}: fan-in not divisible by the group size {self.group_size}; exclude them "
                                  "or pick another granularity.")
-        if self.activation_bits is not None and all(type(m).__name__ == "Embedding" for m in modules.values()):
+        if self.activation_bits is not None and all(layer_kind(m)[0].features is None for m in modules.values()):
             raise ValueError(f"activation_bits={self.activation_bits} but the targets {sorted(modules)} are all Embedding "
                              "layers, whose inputs are indices: set activation_bits=None or target Linear/Conv layers.")
+        for name, module in modules.items():  # a model prepared by an earlier fit keeps its quantizers ...
+            if isinstance(module, _Quant) and not self._same_quantizers(module):  # ... if they are ours
+                raise ValueError(f"{name} is already fake-quantized with other settings ({module.weight_quantizer.extra_repr()}): "
+                                 "call lichtenberg.core.quantization.unprepare_(model) first, or use the same settings.")
         skipped = prepare_(modules, self._weight_quantizer, self._input_quantizer)
-        self._layers = quant_modules(pl_module)
+        self._layers = {n: m for n, m in quant_modules(pl_module).items() if n in modules}
         lines = [f"{len(self._layers)} layers quantized: {', '.join(self._layers)}"]
-        lines += [f"  not quantized: {n} ({why})" for n, why in {**selection.skipped, **skipped}.items()]
+        lines += [f"  not quantized: {n} ({why})" for n, why in selection.skipped.items()]
         rank_zero_info("QuantizationAwareTraining: " + "\n".join(lines))
+        warnings = [f"{n} is not quantized: {why}" for n, why in skipped.items()] + selection.warnings(self.targets.types)
+        for warning in warnings:
+            rank_zero_warn(f"QuantizationAwareTraining: {warning}")
         # Quantizer buffers are computed identically on every rank: no per-step DDP broadcast.
         names = [f"{n}.{q}.{b}" for n, m in self._layers.items() for q in ("weight_quantizer", "input_quantizer")
                  if getattr(m, q, None) is not None for b, _ in getattr(m, q).named_buffers()]
         ignored = set(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", ()))
         pl_module._ddp_params_and_buffers_to_ignore = sorted(ignored | set(names))
 
-    def _weight_quantizer(self, module: torch.nn.Module) -> torch.nn.Module:
+    def _check_loaded_quantizers(self, module: torch.nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        """A checkpoint of other quantizers (LSQ instead of dynamic inputs, other scale shapes) is
+        refused by name before torch's key or shape errors; other bits with the same tensors are
+        caught by the callback state's config."""
+        own = module.state_dict()
+        for name in self._layers:
+            for part, args in (("weight_quantizer", "weight_bits / weight_method / granularity"),
+                               ("input_quantizer", "activation_bits / activation_method")):
+                head = f"{name}.{part}."
+                mine = {k: tuple(v.shape) for k, v in own.items() if k.startswith(head)}
+                saved = {k[len(prefix):]: tuple(v.shape) for k, v in state_dict.items() if k.startswith(prefix + head)}
+                if mine != saved and saved:
+                    raise ValueError(
+                        f"QuantizationAwareTraining: the checkpoint was trained with other settings ({args}): its "
+                        f"{name}.{part} holds {sorted(saved)}, this run's {sorted(mine) or 'nothing'}. Resume with the "
+                        "checkpoint's settings, or start a new fit from its weights to change them."
+                    )
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
+
+    def _same_quantizers(self, module: torch.nn.Module) -> bool:
+        kind = KINDS[module.target_name]
+        wanted = self._weight_quantizer(module, kind)
+        ours = getattr(wanted, "spec", None) == getattr(module.weight_quantizer, "spec", None)
+        wanted_in = self._input_quantizer(module) if kind.features is not None else None
+        return ours and getattr(wanted_in, "spec", None) == getattr(module.input_quantizer, "spec", None)
+
+    def _weight_quantizer(self, module: torch.nn.Module, kind: LayerKind) -> torch.nn.Module:
         if self.weight_bits is None:
             return torch.nn.Identity()
         method = {"ste": "binary", "reste": "binary"}.get(self.weight_method, self.weight_method)
         method = "ternary" if self.weight_bits == "ternary" else method
         granularity = self.granularity.split(":")[0]
         track = self.weight_method == "stat" or self.freeze_step is not None
-        return WeightQuantizer(module.weight.shape, self.weight_bits, method, granularity, self.group_size, track)
+        return WeightQuantizer(as_rows(module.weight, kind).shape, self.weight_bits, method, granularity, self.group_size,
+                               track)
 
     def _input_quantizer(self, module: torch.nn.Module) -> torch.nn.Module | None:
         if self.activation_bits is None:
             return None
-        return ActivationQuantizer(self.activation_bits, self.activation_method, per_token=type(module).__name__ == "Linear")
+        per_token = layer_kind(module)[0].features == -1  # Linear-like: one range per token
+        return ActivationQuantizer(self.activation_bits, self.activation_method, per_token=per_token)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._total = max(int(trainer.estimated_stepping_batches), 1) if math.isfinite(trainer.estimated_stepping_batches) else 1
-        self._start = resolve_step(self.start_step, trainer.estimated_stepping_batches, "start_step")
-        if self._start > trainer.estimated_stepping_batches:
-            raise ValueError(f"start_step={self.start_step} is step {self._start}, after the last optimizer step "
-                             f"({int(trainer.estimated_stepping_batches)}): quantization would never start.")
+        total = run_length(trainer)
+        self._total = max(total or 1, 1)
+        self._start = resolve_step(self.start_step, total, "start_step")
+        if total is not None and self._start >= total:
+            never_acts(trainer, f"start_step={self.start_step} is step {self._start}, after the last optimizer step "
+                       f"({total - 1}): quantization would never start.")
         if self.freeze_step is not None:
-            self._freeze = resolve_step(self.freeze_step, trainer.estimated_stepping_batches, "freeze_step")
+            self._freeze = resolve_step(self.freeze_step, total, "freeze_step")
             if self._freeze <= self._start:
                 raise ValueError(f"freeze_step={self.freeze_step} (step {self._freeze}) must come after start_step "
                                  f"(step {self._start}).")
+            if total is not None and self._freeze >= total:
+                never_acts(trainer, f"freeze_step={self.freeze_step} is step {self._freeze}, but training stops at step "
+                           f"{total}: nothing would be frozen. Freeze earlier or train longer.")
         self._set_mode(trainer.global_step)
 
     # -- training ------------------------------------------------------------------------
@@ -204,7 +291,8 @@ class QuantizationAwareTraining(Callback):
         for name, module in self._layers.items():
             wq = module.weight_quantizer
             if isinstance(wq, WeightQuantizer) and self._enabled:
-                pl_module.log(f"qat/scale/{name}", wq.step_scale(module.weight).mean(), on_step=False, on_epoch=True)
+                rows = as_rows(module.weight, KINDS[module.target_name])
+                pl_module.log(f"qat/scale/{name}", wq.step_scale(rows).mean(), on_step=False, on_epoch=True)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         wdesc = "float" if self.weight_bits is None else f"W{self.weight_bits} {self.weight_method} {self.granularity}"
@@ -215,9 +303,9 @@ class QuantizationAwareTraining(Callback):
         rows += [(k + " weights", f"{v:.4f}") for k, v in self.statistics().items()]
         rank_zero_info(format_table("QuantizationAwareTraining summary", rows))
 
-    def state_dict(self) -> dict[str, Any]:
+    def _state(self) -> dict[str, Any]:
         # Scales, observed ranges and oscillation statistics are module state (in the checkpoint).
         return {"frozen_at": self._frozen_at}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def _load_state(self, state_dict: dict[str, Any]) -> None:
         self._frozen_at = int(state_dict["frozen_at"])

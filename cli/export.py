@@ -53,6 +53,7 @@ def export_main(argv: list[str]) -> dict:
                                  f"(step {checkpoint.get('global_step')}); export a later checkpoint.")
             part.enabled = True
     model.eval()
+    qat[0].teardown(cli.trainer, model, "validate")  # its load-time hook must not travel with a saved module
     if args.int8:
         torch.save(to_int8_cpu_(model), args.out)
         written = {"int8_model": args.out}

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..layers import KINDS, as_rows, from_rows, layer_kind
 from .functional import grouped
 from .modules import quant_modules, unprepare_
 
@@ -42,7 +43,8 @@ def export_int(model: nn.Module) -> dict[str, dict[str, Any]]:
         if not wq.enabled:
             raise ValueError(f"{name}: its weight quantizer is not enabled (quantization has not started); "
                              "train past start_step or enable it before exporting.")
-        w = module.weight.detach()
+        kind = KINDS[module.target_name]
+        w = as_rows(module.weight.detach(), kind)  # [out, in, ...]: scales are per output feature
         s = wq.step_scale(w)  # [rows, groups, 1]
         g = grouped(w, wq.granularity, wq.group_size)
         if wq.method == "ternary":
@@ -58,18 +60,21 @@ def export_int(model: nn.Module) -> dict[str, dict[str, Any]]:
                 q, s = 2 * q + 1, s / 2
         mask = getattr(module, "weight_mask", None)
         if mask is not None:
-            q = q * grouped(mask, wq.granularity, wq.group_size)
+            q = q * grouped(as_rows(mask, kind), wq.granularity, wq.group_size)
         dtype = torch.int8 if q.abs().max() <= 127 else torch.int16
-        out[name] = {"weight": q.reshape(w.shape).to(dtype), "scale": s.clone(), "bits": wq.bits,
+        out[name] = {"weight": from_rows(q.reshape(w.shape), kind).to(dtype), "scale": s.clone(), "bits": wq.bits,
                      "method": wq.method, "granularity": wq.granularity, "group_size": wq.group_size,
+                     "out_axis": kind.out_axis,
                      "bias": None if getattr(module, "bias", None) is None else module.bias.detach().clone()}
     return out
 
 
 def dequantize(entry: dict[str, Any]) -> Tensor:
-    """The float weight an exported entry stands for."""
-    q = entry["weight"]
-    return (grouped(q.float(), entry["granularity"], entry["group_size"]) * entry["scale"]).reshape(q.shape)
+    """The float weight an exported entry stands for, in the layer's own layout."""
+    axis = entry.get("out_axis", 0)
+    q = entry["weight"].movedim(axis, 0)  # [out, in, ...]
+    rows = (grouped(q.float(), entry["granularity"], entry["group_size"]) * entry["scale"]).reshape(q.shape)
+    return rows.movedim(0, axis)
 
 
 def packed_bytes(entry: dict[str, Any]) -> int:
@@ -84,10 +89,20 @@ def packed_bytes(entry: dict[str, Any]) -> int:
 
 @torch.no_grad()
 def to_int8_cpu_(model: nn.Module) -> nn.Module:
-    """Fold, unswap and convert every Linear to a dynamic int8 kernel, in place (CPU inference)."""
+    """Fold, unswap and convert every Linear-like layer to a dynamic int8 kernel, in place (CPU
+    inference). Layers holding their weight transposed (Hugging Face ``Conv1D``) become
+    ``nn.Linear`` first: torch's int8 kernel takes ``[out, in]`` weights."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    unprepare_(model, fold=True)
+    for name, module in unprepare_(model, fold=True).items():
+        kind = layer_kind(module)[0]
+        if kind.out_axis != 0 and module.weight.dim() == 2:
+            linear = nn.Linear(module.weight.shape[0], module.weight.shape[1], bias=module.bias is not None)
+            linear.weight.copy_(as_rows(module.weight, kind))
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+            owner, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, linear)
     for module in model.modules():  # masks are folded into the weights already
         for key in [k for k in module._buffers if k.endswith("_mask")]:
             del module._buffers[key]

@@ -1,19 +1,24 @@
 """Fake-quant layers and the prepare / unprepare pair that swaps them in and out.
 
-``prepare_`` changes the class of each target ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` /
-``nn.Embedding`` in place to its fake-quant subclass and attaches quantizer submodules.
-The module object, its Parameters, hooks and any other reference to it stay the same:
-tied weights stay one tensor, an optimizer built before or after still holds the right
-parameters, and nothing is copied. ``unprepare_`` restores the class and removes the
-quantizers (``fold=True`` first writes the fake-quantized weights into the latent ones).
+``prepare_`` changes the class of each target layer in place to its fake-quant subclass and
+attaches quantizer submodules. The module object, its Parameters, hooks and any other
+reference to it stay the same: tied weights stay one tensor, an optimizer built before or
+after still holds the right parameters, and nothing is copied. ``unprepare_`` restores the
+class and removes the quantizers (``fold=True`` first writes the fake-quantized weights into
+the latent ones).
 
-Only these exact classes are swapped: a user subclass has its own forward, which a swap
-would silently replace, so it is reported instead. A weight with a ``weight_mask`` buffer
-(set by the sparsity callbacks) is multiplied by it after quantization: the mask applies
-to the latent float weight and pruned weights quantize to exactly zero on every grid.
+Which layers can be swapped, and how their forward runs with a quantized weight, comes from
+the layer-kind table (``lichtenberg.core.layers``): ``nn.Linear``, ``nn.Conv1d/2d/3d``,
+``nn.Embedding`` and Hugging Face's ``Conv1D``. Quantizers always see the weight as rows
+``[out, in, ...]``, so per-channel scales are per output feature whatever the layout. Only
+exact classes are swapped: a user subclass has its own forward, which a swap would silently
+replace, so it is reported instead. A weight with a ``weight_mask`` buffer (set by the
+sparsity callbacks, under every alias of a tied weight) is multiplied by it after
+quantization: the mask applies to the latent float weight and pruned weights quantize to
+exactly zero on every grid.
 
 Example:
-    >>> report = prepare_(model, {"fc": model.fc}, lambda m: WeightQuantizer(m.weight.shape, 8, "lsq"),
+    >>> report = prepare_({"fc": model.fc}, lambda m, kind: WeightQuantizer(as_rows(m.weight, kind).shape, 8, "lsq"),
     ...                   lambda m: ActivationQuantizer(8))
     >>> unprepare_(model, fold=True)
 """
@@ -21,12 +26,13 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["QUANT_CLASSES", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantLinear", "prepare_", "quant_modules", "unprepare_"]
+from ..layers import KINDS, LayerKind, as_rows, from_rows, layer_kind
+
+__all__ = ["QUANT_CLASSES", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantLinear", "prepare_", "quant_modules",
+           "unprepare_"]
 
 
 class _Quant:
@@ -35,79 +41,88 @@ class _Quant:
     weight: nn.Parameter
     weight_quantizer: nn.Module
     input_quantizer: nn.Module | None
+    target_name: str
+
+    def quantized_rows(self) -> Tensor:
+        """The fake-quantized (and masked) weight as rows ``[out, in, ...]``."""
+        kind = KINDS[self.target_name]
+        w = self.weight_quantizer(as_rows(self.weight, kind))
+        mask = getattr(self, "weight_mask", None)
+        return w * as_rows(mask, kind) if mask is not None else w
 
     def quantized_weight(self) -> Tensor:
-        w = self.weight_quantizer(self.weight)
-        mask = getattr(self, "weight_mask", None)
-        return w * mask if mask is not None else w
+        """The fake-quantized (and masked) weight in the layer's own layout."""
+        return from_rows(self.quantized_rows(), KINDS[self.target_name])
 
     def quantized_input(self, x: Tensor) -> Tensor:
         return self.input_quantizer(x) if self.input_quantizer is not None else x
 
-
-class QuantLinear(nn.Linear, _Quant):
-    target_name = "Linear"
-
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+        return KINDS[self.target_name].forward(self, self.quantized_input(x), self.quantized_rows())
 
 
-class QuantConv1d(nn.Conv1d, _Quant):
-    target_name = "Conv1d"
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+_QUANT: dict[type, type] = {}
 
 
-class QuantConv2d(nn.Conv2d, _Quant):
-    target_name = "Conv2d"
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
-
-
-class QuantEmbedding(nn.Embedding, _Quant):
-    target_name = "Embedding"
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.embedding(x, self.quantized_weight(), self.padding_idx, self.max_norm, self.norm_type,
-                           self.scale_grad_by_freq, self.sparse)
+def quant_class(plain: type, kind: LayerKind) -> type:
+    """The fake-quant subclass of ``plain`` (created once, named ``Quant<Name>`` in this module)."""
+    cls = _QUANT.get(plain)
+    if cls is None:
+        cls = type(f"Quant{plain.__name__}", (plain, _Quant), {
+            "target_name": kind.name, "forward": _Quant.forward, "__module__": __name__,
+            "__doc__": f"{plain.__name__} with a fake-quantized weight and input (see ``prepare_``).",
+        })
+        globals().setdefault(cls.__name__, cls)  # picklable by name in this process
+        _QUANT[plain] = cls
+    return cls
 
 
+QuantLinear = quant_class(nn.Linear, KINDS["Linear"])
+QuantConv1d = quant_class(nn.Conv1d, KINDS["Conv1d"])
+QuantConv2d = quant_class(nn.Conv2d, KINDS["Conv2d"])
+QuantEmbedding = quant_class(nn.Embedding, KINDS["Embedding"])
 QUANT_CLASSES: dict[type, type] = {nn.Linear: QuantLinear, nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d,
                                    nn.Embedding: QuantEmbedding}
-_PLAIN = {v: k for k, v in QUANT_CLASSES.items()}
 
 
 def prepare_(
     modules: dict[str, nn.Module],
-    weight_quantizer: Callable[[nn.Module], nn.Module],
+    weight_quantizer: Callable[[nn.Module, LayerKind], nn.Module],
     input_quantizer: Callable[[nn.Module], nn.Module | None],
 ) -> dict[str, str]:
     """Swap each module in place for its fake-quant class; returns {name: why not} for the rest.
 
     Modules that share one weight Parameter (tied embedding and output head) share one
-    weight quantizer, so the tied weight has one grid.
+    weight quantizer, so the tied weight has one grid. Modules already swapped are kept.
     """
     skipped: dict[str, str] = {}
     by_weight: dict[int, nn.Module] = {}
     for name, module in modules.items():
-        cls = QUANT_CLASSES.get(type(module))
-        if cls is None:
-            skipped[name] = (f"{type(module).__name__} is not one of {', '.join(c.__name__ for c in QUANT_CLASSES)} "
-                             "exactly (a subclass keeps its own forward)")
+        if isinstance(module, _Quant):
+            by_weight.setdefault(id(module.weight), module.weight_quantizer)
             continue
-        wq = by_weight.get(id(module.weight)) or weight_quantizer(module)
+        found = layer_kind(module)
+        if found is None or not found[1] or found[0].forward is None:
+            what = "no known layer kind" if found is None else (
+                f"a subclass keeps its own forward (a {found[0].name} swap would replace it)" if not found[1] else "no fake-quant forward")
+            skipped[name] = f"{type(module).__name__}: {what}"
+            continue
+        kind = found[0]
+        shared = by_weight.get(id(module.weight))
+        if shared is not None and tuple(getattr(shared, "shape", ())) not in ((), tuple(as_rows(module.weight, kind).shape)):
+            raise ValueError(f"{name} shares its weight with another layer that holds it in another layout; "
+                             "exclude one of them from the targets.")
+        wq = shared if shared is not None else weight_quantizer(module, kind)
         by_weight[id(module.weight)] = wq
-        module.__class__ = cls
+        module.__class__ = quant_class(type(module), kind)
         module.weight_quantizer = wq
-        module.input_quantizer = None if cls is QuantEmbedding else input_quantizer(module)
+        module.input_quantizer = None if kind.features is None else input_quantizer(module)
     return skipped
 
 
 def quant_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The fake-quant layers of ``model`` by name."""
-    return {n: m for n, m in model.named_modules() if type(m) in _PLAIN}
+    return {n: m for n, m in model.named_modules() if isinstance(m, _Quant)}
 
 
 @torch.no_grad()
@@ -121,7 +136,7 @@ def unprepare_(model: nn.Module, fold: bool = False) -> dict[str, nn.Module]:
         for weight, value in folded.values():
             weight.copy_(value)
     for module in layers.values():
-        module.__class__ = _PLAIN[type(module)]
+        module.__class__ = type(module).__bases__[0]
         del module.weight_quantizer
         del module.input_quantizer
     return layers

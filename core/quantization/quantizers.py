@@ -65,7 +65,8 @@ class WeightQuantizer(nn.Module):
     """Fake-quantizes one weight tensor (identity until ``enabled``).
 
     Args:
-        shape: the weight's shape (scales and tracking buffers are sized from it).
+        shape: the weight's shape as rows ``[out, in, ...]`` (``lichtenberg.core.layers.as_rows``):
+            scales and tracking buffers are sized from it, "channel" means output feature.
         bits: integer bits (2..8), or "ternary" / "binary".
         method: one of ``WEIGHT_METHODS``; ternary and binary imply theirs.
         granularity: "tensor", "channel" (per output row) or "group" (of ``group_size`` inputs).
@@ -76,6 +77,7 @@ class WeightQuantizer(nn.Module):
     def __init__(self, shape: torch.Size, bits: int | str, method: str, granularity: str = "channel",
                  group_size: int = 128, track: bool = False) -> None:
         super().__init__()
+        self.shape = tuple(shape)
         self.bits, self.method, self.granularity, self.group_size = bits, method, granularity, group_size
         self.enabled, self.o = False, 1.0  # set by the callback; o: ReSTE's exponent
         self._ready = self._any_frozen = None  # Python mirrors of buffers: no host sync per forward
@@ -95,6 +97,12 @@ class WeightQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, method={self.method}, granularity={self.granularity}"
+
+    @property
+    def spec(self) -> dict:
+        """What defines this quantizer's grid (two quantizers with equal specs are interchangeable)."""
+        return {"shape": list(self.shape), "bits": self.bits, "method": self.method, "granularity": self.granularity,
+                "group_size": self.group_size, "track": self.track}
 
     def step_scale(self, w: Tensor) -> Tensor:
         """The current scale, shaped [rows, groups, 1] (for "stat": the step s / n)."""
@@ -209,6 +217,11 @@ class ActivationQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, method={self.method}"
+
+    @property
+    def spec(self) -> dict:
+        """What defines this quantizer's grid."""
+        return {"bits": self.bits, "method": self.method, "per_token": self.per_token}
 
     @torch.no_grad()
     def _init(self, x: Tensor) -> None:

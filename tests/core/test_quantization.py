@@ -176,7 +176,7 @@ class TiedLM(nn.Module):
 
 def _prepare(model, bits=8, method="minmax", act=8):
     modules = {n: m for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)}
-    skipped = prepare_(modules, lambda m: _enabled(WeightQuantizer(m.weight.shape, bits, method)),
+    skipped = prepare_(modules, lambda m, kind: _enabled(WeightQuantizer(m.weight.shape, bits, method)),
                        lambda m: _enabled(ActivationQuantizer(act, per_token=isinstance(m, nn.Linear))))
     return skipped
 
@@ -201,7 +201,7 @@ def test_a_subclass_with_its_own_forward_is_reported_not_swapped():
             return super().forward(x) * 2
 
     model = nn.Sequential(MyLinear(4, 4), nn.Linear(4, 2))
-    skipped = prepare_({"0": model[0], "1": model[1]}, lambda m: WeightQuantizer(m.weight.shape, 8, "minmax"),
+    skipped = prepare_({"0": model[0], "1": model[1]}, lambda m, kind: WeightQuantizer(m.weight.shape, 8, "minmax"),
                        lambda m: None)
     assert "0" in skipped and "subclass keeps its own forward" in skipped["0"]
     assert type(model[0]) is MyLinear and type(model[1]).__name__ == "QuantLinear"
