@@ -301,7 +301,9 @@ def run_el2n(seeds: int, quick: bool) -> dict[str, Any]:
         x, y = dm.train_set.tensors
         noisy = dm.noisy_mask
         probe = El2nProbe(x, y)
-        dp = DataPruning(ratio=RATIO, mode="static", score="el2n", score_epochs=epochs, seed=seed)
+        # A scorer only: ratio 0 keeps every sample after the scoring epochs, in the same shuffled
+        # order, so training and in-training scores equal a run that scores in every epoch.
+        dp = DataPruning(ratio=0.0, mode="static", score="el2n", score_epochs=epochs - 1, seed=seed)
         harness.fit(model, dm, [dp, probe], max_epochs=epochs)
         mean = torch.stack(probe.scores).mean(0)
         in_training = dp.scores.cpu()

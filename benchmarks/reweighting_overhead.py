@@ -192,7 +192,7 @@ def isolated_costs(repeats: int, n: int = 2000) -> dict[str, float]:
 
 
 def run(quick: bool) -> dict[str, Any]:
-    epochs, per_epoch, warmup, repeats = (2, 8, 3, 1) if quick else (4, 25, 10, 16)
+    epochs, per_epoch, warmup, repeats = (3, 8, 3, 1) if quick else (4, 25, 10, 16)  # 3: DataPruning prunes epoch 1
     pinned = harness.pin_allocator()
     results: dict[str, Any] = {
         "settings": dict(epochs=epochs, batches_per_epoch=per_epoch, warmup=warmup, repeats=repeats, batch=BATCH,

@@ -24,7 +24,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 __all__: list[str] = []
 
@@ -49,7 +49,7 @@ def after_configure_model(pl_module: pl.LightningModule, bind: Callable[[], None
     a checkpoint, with no callback hook in between: the hook is wrapped on this instance for
     one call (several callbacks share one wrapper and bind in their order in ``callbacks``).
     """
-    if not is_overridden("configure_model", pl_module):
+    if not overrides(pl_module, "configure_model"):
         bind()
         return
     pending = vars(pl_module).get(_PENDING)
@@ -78,6 +78,22 @@ def _unwrap(pl_module: pl.LightningModule, previous: Any) -> None:
     else:
         pl_module.configure_model = previous  # type: ignore[method-assign]
     pl_module.__dict__.pop(_PENDING, None)
+
+
+def overrides(pl_module: Any, name: str) -> bool:
+    """Whether the module's class overrides LightningModule's ``name`` (``lightning.pytorch`` and
+    ``pytorch_lightning`` modules alike; Lightning's ``is_overridden`` knows one namespace)."""
+    base = next((c for c in type(pl_module).__mro__ if c.__name__ == "LightningModule"), None)
+    return base is not None and getattr(type(pl_module), name, None) is not getattr(base, name, None)
+
+
+def never_acts(trainer: pl.Trainer, message: str) -> None:
+    """A setting that would never act in this run: ValueError with ``message``. A ``fast_dev_run``
+    smoke test, a few steps by design, only gets a warning."""
+    if trainer.fast_dev_run:
+        rank_zero_warn(f"{message} (not raised: fast_dev_run)")
+    else:
+        raise ValueError(message)
 
 
 def run_length(trainer: pl.Trainer) -> int | None:
@@ -116,17 +132,21 @@ class _Base(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {**self._state(), "config": self._config()}
 
+    def _check_config(self, saved: dict[str, Any] | None) -> None:
+        """ValueError naming every init arg that differs from the ones ``saved`` state was made with."""
+        if saved is None:
+            return
+        mine = self._config()
+        diff = [f"{k}: {saved.get(k)!r} -> {mine.get(k)!r}" for k in sorted(set(saved) | set(mine))
+                if k not in self._resume_free and saved.get(k) != mine.get(k)]
+        if diff:
+            raise ValueError(
+                f"{type(self).__name__}: the checkpoint was trained with other settings ({'; '.join(diff)}). "
+                "Resume with the checkpoint's settings, or start a new fit from its weights to change them."
+            )
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict.get("config")
-        if saved is not None:
-            mine = self._config()
-            diff = [f"{k}: {saved.get(k)!r} -> {mine.get(k)!r}" for k in sorted(set(saved) | set(mine))
-                    if k not in self._resume_free and saved.get(k) != mine.get(k)]
-            if diff:
-                raise ValueError(
-                    f"{type(self).__name__}: the checkpoint was trained with other settings ({'; '.join(diff)}). "
-                    "Resume with the checkpoint's settings, or start a new fit from its weights to change them."
-                )
+        self._check_config(state_dict.get("config"))
         self._load_state({k: v for k, v in state_dict.items() if k != "config"})
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -139,8 +159,10 @@ class _Base(Callback):
         prefix = f"{type(self).__qualname__}{{"
         orphans = [k for k in states if isinstance(k, str) and k.startswith(prefix) and k not in claimed]
         if orphans:
+            saved = states[orphans[0]].get("config") if isinstance(states[orphans[0]], dict) else None
+            self._check_config(saved)
             raise ValueError(
-                f"{type(self).__name__}: the checkpoint holds state for {orphans[0]}, but this callback is "
-                f"{self.state_key}. Resume with the checkpoint's settings, or start a new fit from its weights "
+                f"{type(self).__name__}: the checkpoint was trained with other settings ({orphans[0]}, this run "
+                f"{self.state_key}). Resume with the checkpoint's settings, or start a new fit from its weights "
                 "to change them."
             )

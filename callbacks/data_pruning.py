@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 from ..core.checks import check_choice, check_int, check_real
 from ..core.reweighting import PlanSampler, el2n_scores, infobatch_plan, sampler_order, static_keep
+from ._base import never_acts
 from ._per_sample import _PerSample
 from ._summary import format_table
 
@@ -100,7 +101,7 @@ class DataPruning(_PerSample):
             return
         self._unbind()  # what a fit that raised left bound (Lightning calls no teardown then)
         super().setup(trainer, pl_module, stage)
-        self._check_epochs(trainer.max_epochs)
+        self._check_epochs(trainer)
         self._trainer = trainer
         source = getattr(trainer.fit_loop, "_data_source", None)
         if source is None or not hasattr(source, "instance"):
@@ -116,14 +117,15 @@ class DataPruning(_PerSample):
             self._binding = (trainer, "loader", source, instance, None, reload)
         trainer.reload_dataloaders_every_n_epochs = 1
 
-    def _check_epochs(self, max_epochs: int | None) -> None:
+    def _check_epochs(self, trainer: pl.Trainer) -> None:
         """Refuse a run in which no epoch would be pruned."""
+        max_epochs = trainer.max_epochs
         if not max_epochs or max_epochs < 1:
             raise ValueError("DataPruning plans per epoch and anneals over epochs: set Trainer(max_epochs=...).")
         if self.mode == "static" and self.score_epochs >= max_epochs:
-            raise ValueError(f"DataPruning(mode='static') scores during the first score_epochs={self.score_epochs} epochs "
-                             f"but max_epochs={max_epochs}, so no epoch trains on the kept subset: use score_epochs < "
-                             "max_epochs.")
+            never_acts(trainer, f"DataPruning(mode='static') scores during the first score_epochs={self.score_epochs} "
+                       f"epochs but max_epochs={max_epochs}, so no epoch trains on the kept subset: use score_epochs < "
+                       "max_epochs.")
         if self.mode == "infobatch" and self._pruned_until(max_epochs) < 2:  # epoch 0 has no scores yet
             fixes = [f"anneal <= {math.floor((1 - 2 / max_epochs) * 1000) / 1000:g}"] if max_epochs >= 2 else []
             if self.anneal < 1:
@@ -131,9 +133,9 @@ class DataPruning(_PerSample):
                 while self._pruned_until(epochs) < 2:
                     epochs += 1
                 fixes.append(f"max_epochs >= {epochs}")
-            raise ValueError(f"DataPruning anneal={self.anneal!r} with max_epochs={max_epochs} leaves no epoch to prune "
-                             "(epoch 0 scores every sample, the last anneal share trains on full data): use "
-                             f"{' or '.join(fixes) or 'a smaller anneal'}.")
+            never_acts(trainer, f"DataPruning anneal={self.anneal!r} with max_epochs={max_epochs} leaves no epoch to "
+                       "prune (epoch 0 scores every sample, the last anneal share trains on full data): use "
+                       f"{' or '.join(fixes) or 'a smaller anneal'}.")
 
     def _pruned_until(self, max_epochs: int) -> int:
         """InfoBatch prunes the epochs before this one."""

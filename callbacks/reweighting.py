@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..core.checks import check_choice, check_int, check_real
 from ..core.reweighting import RULES, effective_sample_size, focal_weights, loss_weights, weight_entropy
-from ._base import run_length
+from ._base import never_acts, run_length
 from ._per_sample import _PerSample
 from ._summary import format_table
 
@@ -65,7 +65,8 @@ class SampleReweighting(_PerSample):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         total = run_length(trainer)  # None: Lightning cannot know it (then nothing to check)
         if total and self.warmup_steps >= total:
-            raise ValueError(
+            never_acts(
+                trainer,
                 f"SampleReweighting warmup_steps={self.warmup_steps} >= the {total} optimizer steps of this fit, so "
                 f"no sample would ever be weighted: lower warmup_steps (e.g. {total // 10}, 10% of the run)."
             )
