@@ -23,89 +23,14 @@ from lichtenberg.callbacks import (
     GradualPruning,
     QuantizationAwareTraining,
     SampleReweighting,
-    weighted_loss,
 )
 from lichtenberg.core.quantization import dequantize, export_int, quant_modules
 from lichtenberg.core.schedules import SparsitySchedule
 from tests.cases import TRAINER
+from tests.zoo import BATCH, N, Wrapped, data
 
-transformers = pytest.importorskip("transformers")
-
-EPOCHS, N, BATCH = 3, 64, 8  # 8 steps per epoch, 24 in all
+EPOCHS = 3  # 24 steps
 SCHEDULE = SparsitySchedule(kind="cubic", start=2, end=14, every_n_steps=4)
-
-
-# -- the models ---------------------------------------------------------------------------
-def gpt2() -> nn.Module:
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
-                                     bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2LMHeadModel(config)
-
-
-def bert() -> nn.Module:
-    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                     vocab_size=64, max_position_embeddings=16)
-    return transformers.BertForMaskedLM(config)
-
-
-class DepthwiseNet(nn.Module):
-    """A MobileNet-like conv net: BatchNorm, a depthwise (grouped) conv, a residual, a Linear head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-                                nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16))
-        self.head = nn.Linear(16, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.stem(x)
-        h = torch.relu(h + self.dw(h))
-        return self.head(h.mean((2, 3)))
-
-
-class Wrapped(L.LightningModule):
-    """Someone else's nn.Module in a LightningModule, per-sample losses through ``weighted_loss``."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__()
-        self.kind = kind
-        self.net = {"gpt2": gpt2, "bert": bert, "conv": DepthwiseNet}[kind]()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "conv":
-            return self.net(x)
-        return self.net(input_ids=x).logits
-
-    def losses(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x, y = batch
-        logits = self(x)
-        if self.kind == "conv":
-            return nn.functional.cross_entropy(logits, y, reduction="none"), None
-        tokens = nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # [B, T]
-        return tokens, torch.ones_like(tokens)
-
-    def training_step(self, batch, batch_idx):
-        losses, mask = self.losses(batch)
-        return weighted_loss(self, losses, mask=mask)
-
-    def validation_step(self, batch, batch_idx):
-        losses, mask = self.losses(batch)
-        self.log("val_loss", losses.mean())
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=3e-3, fused=True)
-
-
-def data(kind: str) -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    if kind == "conv":
-        x = torch.randn(N, 1, 8, 8, generator=g)
-        y = (x.mean((1, 2, 3)) > 0).long() + 2 * (x[:, 0, 0, 0] > 0).long()
-    else:
-        x = torch.randint(0, 64, (N, 12), generator=g)
-        y = torch.roll(x, -1, dims=1)  # next token
-    return DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True)
 
 
 def linear_like(model: nn.Module) -> dict[int, tuple[str, nn.Parameter]]:
