@@ -27,29 +27,10 @@ from lichtenberg.callbacks import (
 from lichtenberg.core.quantization import dequantize, export_int, quant_modules
 from lichtenberg.core.schedules import SparsitySchedule
 from tests.cases import TRAINER
-from tests.zoo import BATCH, N, Wrapped, data
+from tests.zoo import BATCH, N, Wrapped, data, expected_quantized, linear_like, tied
 
 EPOCHS = 3  # 24 steps
 SCHEDULE = SparsitySchedule(kind="cubic", start=2, end=14, every_n_steps=4)
-
-
-def linear_like(model: nn.Module) -> dict[int, tuple[str, nn.Parameter]]:
-    """Every Linear-like weight, found independently of lichtenberg: by class name, one per tensor."""
-    kinds = ("Linear", "NonDynamicallyQuantizableLinear", "Conv2d", "Conv1D")
-    out = {}
-    for name, module in model.named_modules():
-        if type(module).__name__ in kinds and isinstance(getattr(module, "weight", None), nn.Parameter):
-            out.setdefault(id(module.weight), (f"{name}.weight", module.weight))
-    return out
-
-
-def tied(model: Wrapped) -> list[tuple[nn.Parameter, nn.Parameter]]:
-    net = model.net
-    if model.kind == "gpt2":
-        return [(net.lm_head.weight, net.transformer.wte.weight)]
-    if model.kind == "bert":
-        return [(net.cls.predictions.decoder.weight, net.bert.embeddings.word_embeddings.weight)]
-    return []
 
 
 class ZerosDuringValidation(Callback):
@@ -108,14 +89,6 @@ CALLBACKS = {
     "SampleReweighting": lambda: SampleReweighting(warmup_steps=4),
     "DataPruning": lambda: DataPruning(ratio=0.5, anneal=0.0),
 }
-
-
-QUANTIZABLE = ("Linear", "Conv1d", "Conv2d", "Conv1D", "Embedding")  # exact classes, found by name here
-
-
-def expected_quantized(model: Wrapped) -> set[str]:
-    """Every layer QAT should swap (before a swap, or as the Quant<Class> it became)."""
-    return {n for n, m in model.named_modules() if type(m).__name__.removeprefix("Quant") in QUANTIZABLE}
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "bert", "conv"])
@@ -259,3 +232,51 @@ def test_gpt2_dst_keeps_exact_counts_on_conv1d_for_srigl_fan_in():
         fan_in = module.weight_mask.t().reshape(module.weight.shape[1], -1).sum(1)  # per output feature
         alive = fan_in[fan_in > 0]
         assert alive.unique().numel() == 1, name  # constant fan-in along the inputs
+
+
+# -- what is left out is a warning, not an INFO line ---------------------------------------------------
+class TorchEncoder(L.LightningModule):
+    """torch's own TransformerEncoderLayer (torchvision's ViT blocks): MultiheadAttention keeps its
+    input projection as a raw ``in_proj_weight`` and calls its ``out_proj`` weight directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.head(self.encoder(x).mean(1)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit_encoder(callbacks):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, 5, 16, generator=g)
+    L.seed_everything(0)
+    model = TorchEncoder()
+    L.Trainer(callbacks=callbacks, max_epochs=2, **TRAINER).fit(model, DataLoader(TensorDataset(x, x[:, 0, :4].argmax(1)),
+                                                                                    batch_size=BATCH))
+    return model
+
+
+def test_weights_of_unknown_layer_types_are_warned_and_subclasses_are_pruned():
+    gp = GradualPruning(sparsity=0.5, schedule=SparsitySchedule(start=0, end=8, every_n_steps=4))
+    with pytest.warns(UserWarning, match=r"encoder.self_attn.in_proj_weight \(MultiheadAttention\) is a weight of a layer "
+                                         "type lichtenberg does not know"):
+        model = fit_encoder([gp])
+    assert "encoder.self_attn.out_proj.weight" in gp.engine.params  # NonDynamicallyQuantizableLinear is a Linear
+    assert float((model.encoder.self_attn.out_proj.weight == 0).float().mean()) > 0.2
+
+
+def test_qat_warns_about_layers_it_cannot_swap():
+    with pytest.warns(UserWarning, match=r"encoder.self_attn.out_proj is not quantized: .*subclass keeps its own forward"):
+        model = fit_encoder([QuantizationAwareTraining()])
+    assert {"encoder.linear1", "encoder.linear2", "head"} <= set(quant_modules(model))
+
+
+def test_a_target_tied_to_a_layer_outside_the_targets_is_warned():
+    with pytest.warns(UserWarning, match=r"net.lm_head.weight is the same tensor as net.transformer.wte.weight"):
+        fit("gpt2", [GradualPruning(sparsity=0.5, schedule=SCHEDULE)])

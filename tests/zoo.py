@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lichtenberg.callbacks import weighted_loss
 
-__all__ = ["BATCH", "N", "DepthwiseNet", "Wrapped", "bert", "data", "gpt2"]
+__all__ = ["BATCH", "N", "DepthwiseNet", "Wrapped", "bert", "data", "expected_quantized", "gpt2", "linear_like", "tied"]
 
 N, BATCH = 64, 8  # 8 steps per epoch
 
@@ -87,3 +87,32 @@ def data(kind: str) -> DataLoader:
         x = torch.randint(0, 64, (N, 12), generator=g)
         y = torch.roll(x, -1, dims=1)  # next token
     return DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True)
+
+
+def linear_like(model: nn.Module) -> dict[int, tuple[str, nn.Parameter]]:
+    """Every Linear-like weight, found independently of lichtenberg: by class name (a fake-quant
+    ``Quant<Class>`` as its class), one per tensor."""
+    kinds = ("Linear", "NonDynamicallyQuantizableLinear", "Conv2d", "Conv1D")
+    out = {}
+    for name, module in model.named_modules():
+        cls = type(module).__name__.removeprefix("Quant")
+        if cls in kinds and isinstance(getattr(module, "weight", None), nn.Parameter):
+            out.setdefault(id(module.weight), (f"{name}.weight", module.weight))
+    return out
+
+
+def tied(model: Wrapped) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    net = model.net
+    if model.kind == "gpt2":
+        return [(net.lm_head.weight, net.transformer.wte.weight)]
+    if model.kind == "bert":
+        return [(net.cls.predictions.decoder.weight, net.bert.embeddings.word_embeddings.weight)]
+    return []
+
+
+QUANTIZABLE = ("Linear", "Conv1d", "Conv2d", "Conv1D", "Embedding")  # exact classes, found by name here
+
+
+def expected_quantized(model: Wrapped) -> set[str]:
+    """Every layer QAT should swap (before a swap, or as the Quant<Class> it became)."""
+    return {n for n, m in model.named_modules() if type(m).__name__.removeprefix("Quant") in QUANTIZABLE}
