@@ -101,6 +101,13 @@ class EMA(_Averaging):
             never_acts(trainer, f"EMA start_step={self.start_step}, every_n_steps={self.every_n_steps}: the first update "
                        f"would follow optimizer step {first}, but training stops at step {total}: start earlier, update "
                        "more often or train longer.")
+            return
+        updates = 0 if total is None else (total - first) // self.every_n_steps + 1
+        final = ema_decay(updates - 1, self.decay, self.warmup_gamma, self.warmup_power) if updates else 1.0
+        if updates >= 3 and final < 0.5:  # the default warm-up passes 0.5 at the third update; under it: the last weights
+            never_acts(trainer, f"EMA warmup_gamma={self.warmup_gamma}, warmup_power={self.warmup_power}: the warm-up keeps "
+                       f"the decay at or below {final:.3g} for all {updates} updates of this run, so the average would be "
+                       "the last weights: lower warmup_gamma (1.0 is usual), set warmup_power: null, or train longer.")
 
     def _summary_rows(self) -> list[tuple[str, str]]:
         rows = [("decay (target / last)", f"{self.decay} / {self.current_decay():.6f}")]
@@ -158,7 +165,8 @@ class SWA(_Averaging):
         every_n = check_int("SWA every_n", every_n, low=1)
         interval = check_choice("SWA interval", interval, ("epoch", "step"))
         if swa_lr is not None:
-            swa_lr = check_real("SWA swa_lr", swa_lr, low=0.0, low_open=True, fix="or None to keep the user's schedule")
+            swa_lr = check_real("SWA swa_lr", swa_lr, low=0.0, high=100.0, low_open=True,
+                                fix="a learning rate such as 0.05, or None to keep the user's schedule")
         if bn_batches is not None:
             bn_batches = check_int("SWA bn_batches", bn_batches, low=0, fix="0 skips the pass, None uses one epoch")
             if not apply_at_end:

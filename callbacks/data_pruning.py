@@ -70,13 +70,17 @@ class DataPruning(_PerSample):
         self.mode = check_choice("DataPruning mode", mode, ("infobatch", "static"))
         self.score = check_choice("DataPruning score", score, ("loss", "el2n"))
         self.score_epochs = check_int("DataPruning score_epochs", score_epochs, low=1)
-        self.seed = check_int("DataPruning seed", seed, low=0)
+        self.seed = check_int("DataPruning seed", seed, low=0, high=2**32 - 1,
+                              fix="it is mixed with the epoch into one 64-bit generator seed")
         # A setting the chosen mode ignores is a mistake the run would hide.
         for name, value, default, used_by in (("score", score, "loss", "static"), ("score_epochs", score_epochs, 1, "static"),
                                               ("anneal", self.anneal, 0.125, "infobatch")):
             if value != default and mode != used_by:
                 raise ValueError(f"DataPruning {name}={value!r} only acts with mode={used_by!r} (got mode={mode!r}): "
                                  f"drop {name} or use mode={used_by!r}.")
+        if self.ratio == 0 and self.anneal != 0.125:
+            raise ValueError(f"DataPruning anneal={anneal!r} has no effect with ratio={self.ratio!r} (no epoch is pruned, "
+                             "so none is annealed): drop anneal, or set ratio > 0 (e.g. 0.5).")
         self._binding: tuple | None = None  # what setup replaced, to put back
         self._trainer: pl.Trainer | None = None
         self._reset()

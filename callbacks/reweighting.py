@@ -45,11 +45,14 @@ class SampleReweighting(_PerSample):
     def __init__(self, rule: str = "linupper", temperature: float = 1.0, warmup_steps: int = 1000,
                  gamma: float = 2.0) -> None:
         self.rule = check_choice("SampleReweighting rule", rule, _ALL_RULES)
-        self.temperature = check_real("SampleReweighting temperature", temperature, low=0.0, low_open=True,
-                                      fix="large values give near-uniform weights; the paper uses 1.0")
+        # Beyond 1000 the weights are within 0.2% of uniform (f(x) spans [0, 2]): the rule would not act.
+        self.temperature = check_real("SampleReweighting temperature", temperature, low=0.0, high=1000.0, low_open=True,
+                                      fix="the paper uses 1.0; near 1000 the weights are uniform (rule='uniform')")
         self.warmup_steps = check_int("SampleReweighting warmup_steps", warmup_steps, low=0,
                                       fix="optimizer steps of uniform weights first; the paper uses 1000")
-        self.gamma = check_real("SampleReweighting gamma", gamma, low=0.0, fix="the focal exponent, typically 2.0")
+        # (1 - p)^gamma underflows to 0 for every sample long before gamma = 1000 (then uniform weights).
+        self.gamma = check_real("SampleReweighting gamma", gamma, low=0.0, high=100.0,
+                                fix="the focal exponent, typically 2.0")
         # A setting the chosen rule ignores is a mistake the run would hide.
         if self.gamma != 2.0 and rule != "focal":
             raise ValueError(f"SampleReweighting gamma={gamma!r} only acts with rule='focal' (got rule={rule!r}): "

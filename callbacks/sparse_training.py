@@ -152,8 +152,9 @@ class DynamicSparseTraining(_Sparsity):
         if self.method != "static" and self._first + every >= self._end:
             never_acts(
                 trainer,
-                f"DynamicSparseTraining({self.method!r}) would never update its masks: the first update is at step "
-                f"{self._first + every} (start {self._first} + every_n_steps {every}), but updates stop at step "
+                f"DynamicSparseTraining({self.method!r}) would never update its masks: schedule "
+                f"start={self.schedule.start}, end={self.schedule.end}, every_n_steps={every}: the first update is at "
+                f"step {self._first + every} (start {self._first} + every_n_steps {every}), but updates stop at step "
                 f"{self._end}. Set schedule.every_n_steps <= {max(self._end - self._first - 1, 1)} or train longer "
                 "(or use method='static')."
             )

@@ -46,7 +46,7 @@ def check_real(
     above = high is not None and (value >= high if high_open else value > high)
     if below or above:
         raise _fail(name, value, f"must lie{bounds}", fix)
-    return float(value)
+    return value
 
 
 def check_int(name: str, value: Any, *, low: int | None = None, high: int | None = None, fix: str = "") -> int:

@@ -222,3 +222,36 @@ def test_fraction_schedules_span_the_whole_run_under_manual_optimization():
     trainer, _ = fit([gp], TwoOptimizers, max_epochs=2)
     assert trainer.global_step == 48  # 24 batches x 2 optimizers
     assert gp._end == round(0.6 * 48)  # before: 14, i.e. 30% of the run
+
+
+def test_a_pytorch_lightning_project_with_configure_model_layers():
+    # Lightning's is_overridden knows one namespace: on a pytorch_lightning module it raised
+    # "Expected a parent" inside the configure_model binding.
+    import pytorch_lightning as PL
+
+    class Module(PL.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(8, 16)
+
+        def configure_model(self):
+            if not hasattr(self, "head"):
+                self.head = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    gp, qat, ema = (GradualPruning(sparsity=0.5, schedule=SparsitySchedule(start=0, end=10, every_n_steps=2)),
+                    QuantizationAwareTraining(), EMA(decay=0.9))
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    model = Module()
+    PL.Trainer(callbacks=[gp, qat, ema], max_epochs=2, **TRAINER).fit(
+        model, DataLoader(torch.utils.data.TensorDataset(x, x[:, :4].argmax(1)), batch_size=8))
+    assert "head.weight" in gp.engine.params and "head" in quant_modules(model) and "head.weight" in ema.averaged.tensors
+    assert (model.head.weight[~model.head.weight_mask] == 0).all()

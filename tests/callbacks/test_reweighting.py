@@ -289,7 +289,7 @@ def test_weights_are_identical_with_one_and_two_processes_on_the_same_global_bat
     "make, message",
     [
         (lambda: SampleReweighting(rule="harder"), "rule='harder' must be one of"),
-        (lambda: SampleReweighting(temperature=0.0), r"temperature=0.0 must lie in \(0, inf\)"),
+        (lambda: SampleReweighting(temperature=0.0), r"temperature=0.0 must lie in \(0, 1000\]"),
         (lambda: SampleReweighting(temperature=-1.0), "temperature=-1.0"),
         (lambda: SampleReweighting(warmup_steps=-1), "warmup_steps=-1"),
         (lambda: DataPruning(ratio=1.0), r"ratio=1.0 must lie in \[0, 1\)"),
