@@ -337,12 +337,13 @@ def render(res: dict[str, Any]) -> str:
         f"`DynamicSparseTraining(sparsity={s['sparsity']})` on every Linear weight (ERK allocation; on six equal square "
         f"layers it is uniform), biases dense; protocol as `pruning_overhead` (interleaved fits, allocator pinned: "
         f"{'yes' if s['allocator_pinned'] else 'NO'}, rounds with > {MAX_FOREIGN:.0%} foreign CPU load re-run). "
-        "Between updates the callback masks the gradients before the optimizer step (Adam and SGD keep exact zeros, "
-        "so there is no re-masking pass after it). Ratios: median of the per-fit medians / plain with the same "
+        "Between updates the callback masks the gradients at the last point before the optimizer step (an "
+        "optimizer pre-hook, after Lightning's closure; Adam and SGD keep exact zeros, so there is no re-masking pass "
+        "after it). Ratios: median of the per-fit medians / plain with the same "
         "optimizer, in brackets the min–max of the per-round ratios. Target: ≤ 1.05× plain between updates.",
         "",
-        f"**(a) Between updates**: RigL with `every_n_steps` longer than the fit (masks drawn at set-up, no update "
-        f"in the fit); {a['repeats']} fits per variant of {a['steps']} steps (first {a['warmup']} not timed), the six "
+        f"**(a) Between updates**: RigL whose one update comes at the second-to-last step and is left out of the "
+        f"timings (masks drawn at set-up); {a['repeats']} fits per variant of {a['steps']} steps (first {a['warmup']} not timed), the six "
         "variants interleaved. Optimizers: `Adam(lr=1e-4)` (PyTorch's default foreach implementation), "
         "`Adam(lr=1e-4, fused=True)`, `SGD(lr=1e-3, momentum=0.9)`. *plain vs Adam*: the plain Trainer's step with "
         f"this optimizer over the one with foreach Adam; *mask_grads_*: timed in place. Rounds re-run: {redone(a)}. "
