@@ -149,6 +149,15 @@ class _Base(Callback):
         self._check_config(state_dict.get("config"))
         self._load_state({k: v for k, v in state_dict.items() if k != "config"})
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning calls no teardown after an exception: undo what this run attached (hooks,
+        # wrappers), or a later fit would run them. A run that failed between setup and
+        # configure_model also leaves the one-call wrapper, with that run's binds, on the module.
+        wrapper = vars(pl_module).get("configure_model")
+        if _PENDING in vars(pl_module):
+            _unwrap(pl_module, getattr(wrapper, "__lichtenberg_previous__", None))
+        self.teardown(trainer, pl_module, getattr(trainer.state.fn, "value", "fit"))
+
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         # Lightning finds a callback's state by its state_key, which holds some init args: with
         # other settings it finds nothing and the run would silently restart this callback.

@@ -71,9 +71,6 @@ class _PerSample(_Base):
         if stage == "fit":  # idempotent: the first per-sample callback's teardown removes the wrapper
             _uninstall(pl_module)
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        _uninstall(pl_module)
-
 
 def _gather(trainer: pl.Trainer, t: Tensor) -> Tensor:
     """[W * B] in rank order (the tensor itself on one process)."""

@@ -63,7 +63,7 @@ class _Sparsity(_Base):
         """Reject targets the technique cannot handle (ValueError)."""
 
     def _init_masks(self, trainer: pl.Trainer) -> None:
-        """Initial masks for the targets that had none (``engine.fresh``); a resume overwrites them."""
+        """Initial masks for a fit (targets may carry masks already); a resume overwrites them."""
 
     def _resolve(self, trainer: pl.Trainer) -> None:
         """Turn the schedule into optimizer steps; ValueError for settings that would never act."""

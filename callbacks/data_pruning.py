@@ -164,10 +164,6 @@ class DataPruning(_PerSample):
         if stage == "fit":
             self._unbind()
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        super().on_exception(trainer, pl_module, exception)
-        self._unbind()
-
     def _wrap(self, loader: Any) -> DataLoader:
         if not isinstance(loader, DataLoader) or loader.batch_size is None or not hasattr(loader.dataset, "__len__"):
             raise ValueError("DataPruning needs one map-style torch DataLoader with a batch_size (no custom "

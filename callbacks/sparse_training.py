@@ -139,8 +139,10 @@ class DynamicSparseTraining(_Sparsity):
                 densities = {n: 1.0 - start for n in shapes}
             draw = fanin_masks if self.method == "srigl" else random_masks
             masks = draw(shapes, densities, self._generator)
-            # a model that already carries masks (a second fit, a sparse checkpoint) keeps them
-            engine.set_masks_({n: engine.from_rows(n, m.to(rows[n].device)) for n, m in masks.items() if n in engine.fresh})
+            # a model that already carries sparse masks (a second fit, a sparse checkpoint) keeps them;
+            # all-ones masks (new, or attached by a validate before this fit) are drawn
+            dense = [n for n, m in engine.masks.items() if bool(m.all())]
+            engine.set_masks_({n: engine.from_rows(n, masks[n].to(rows[n].device)) for n in dense})
         self._ever = {n: m.clone() for n, m in engine.masks.items()}
         self._alive = {n: torch.ones(r.shape[0], dtype=torch.bool, device=r.device) for n, r in rows.items()}
         density = {n: f"{float(m.float().mean()):.3f}" for n, m in engine.masks.items()}

@@ -154,7 +154,9 @@ def test_qat_embedding_lookup_of_a_pruned_tied_weight_is_masked():
     assert (looked_up.reshape(-1, 32)[~wte.weight_mask[ids.reshape(-1)]] == 0).all()
 
 
-def test_our_tied_lm_with_pruning_and_ema():
+@pytest.mark.parametrize("sparsity", ["GradualPruning", "DynamicSparseTraining"])
+@pytest.mark.parametrize("averaging", ["EMA", "SWA"])
+def test_our_tied_lm_with_sparsity_qat_and_averaging(sparsity, averaging):
     from lichtenberg.cli.models import TinyTransformerLM
 
     class LM(TinyTransformerLM):
@@ -166,11 +168,17 @@ def test_our_tied_lm_with_pruning_and_ema():
     loader = DataLoader(TensorDataset(x, torch.roll(x, -1, dims=1)), batch_size=BATCH)
     L.seed_everything(0)
     model, zeros = LM(vocab_size=32, context_length=12, d_model=16, n_heads=2), ZerosDuringValidation()
-    trainer = L.Trainer(callbacks=[GradualPruning(sparsity=0.8, schedule=SCHEDULE), EMA(decay=0.9), zeros],
+    qat = QuantizationAwareTraining(weight_bits=4, activation_bits=8)
+    trainer = L.Trainer(callbacks=[CALLBACKS[sparsity](), qat, CALLBACKS[averaging](), zeros],
                         max_epochs=EPOCHS, **{**TRAINER, "num_sanity_val_steps": 0})
     trainer.fit(model, loader, loader)
     assert model.head.weight is model.tok_emb.weight
-    assert (model.tok_emb.weight[~model.head.weight_mask] == 0).all() and zeros.checked > 0
+    mask = model.head.weight_mask
+    assert model.tok_emb.weight_mask is mask and int((~mask).sum()) > 0
+    assert (model.tok_emb.weight[~mask] == 0).all() and zeros.checked > 0
+    assert model.tok_emb.weight_quantizer is model.head.weight_quantizer  # one quantizer for the tied tensor
+    assert {"tok_emb", "head"} <= set(quant_modules(model))
+    assert (model.tok_emb.quantized_weight()[~mask] == 0).all()
 
 
 # -- finding 2: Hugging Face Conv1D, weight [in, out] --------------------------------------------------
@@ -223,6 +231,20 @@ def test_gpt2_conv1d_quantized_per_output_channel_with_exact_export():
         xq = layer.input_quantizer(x)
         torch.testing.assert_close(layer(x), xq @ q + layer.bias)
         assert ref.shape == layer(x).shape
+
+
+def test_gpt2_int8_cpu_model_runs_its_conv1d_as_linear():
+    from lichtenberg.core.quantization import to_int8_cpu_
+
+    _, model = fit("gpt2", [QuantizationAwareTraining(weight_bits=8, activation_bits=8)])
+    model.eval()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    fake = model(ids).detach()
+    to_int8_cpu_(model)
+    kinds = {type(m).__name__ for n, m in model.named_modules() if n.endswith(("c_attn", "c_proj", "c_fc"))}
+    assert kinds == {"Linear"} or kinds == {"DynamicQuantizedLinear"}, kinds
+    real = model(ids)
+    assert (real.argmax(-1) == fake.argmax(-1)).float().mean() > 0.9  # int8 kernels vs fake-quant: same predictions
 
 
 def test_gpt2_dst_keeps_exact_counts_on_conv1d_for_srigl_fan_in():

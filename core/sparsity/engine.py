@@ -67,11 +67,8 @@ class MaskEngine:
         self.kinds = dict(kinds or {})
         self.aliases = {n: [a for a in (aliases or {}).get(n, ()) if a != n] for n in self.params}
         self.masks: dict[str, Tensor] = {}
-        self.fresh: set[str] = set()  # masks created here; the others were already on the model
         for name, param in self.params.items():
             found = [m for m in map(self._buffer, self.names(name)) if m is not None]
-            if not found:
-                self.fresh.add(name)
             self.masks[name] = found[0] if found else torch.ones_like(param, dtype=torch.bool)
         self._tie()
 

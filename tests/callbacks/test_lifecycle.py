@@ -255,3 +255,14 @@ def test_a_pytorch_lightning_project_with_configure_model_layers():
         model, DataLoader(torch.utils.data.TensorDataset(x, x[:, :4].argmax(1)), batch_size=8))
     assert "head.weight" in gp.engine.params and "head" in quant_modules(model) and "head.weight" in ema.averaged.tensors
     assert (model.head.weight[~model.head.weight_mask] == 0).all()
+
+
+def test_a_validate_before_fit_leaves_the_fit_its_initial_masks():
+    # validate binds the callback too (all-ones masks, so a sparse checkpoint's keys match); the
+    # fit that follows must still draw DynamicSparseTraining's initial masks.
+    dst = BY_NAME["DynamicSparseTraining"].make()
+    model = TinyModel()
+    L.Trainer(callbacks=[dst], **TRAINER).validate(model, datamodule=TinyData(), verbose=False)
+    fit([dst], model)
+    masks = dst.engine.masks.values()
+    assert sum(int(m.sum()) for m in masks) < 0.3 * sum(m.numel() for m in masks)
