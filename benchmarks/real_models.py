@@ -81,7 +81,6 @@ class TiedLM(TinyTransformerLM):
 
     def __init__(self) -> None:
         super().__init__(vocab_size=64, context_length=12, d_model=32, n_heads=2)
-        self.net = self  # the zoo's helpers look for the tied pair under .net
 
     def validation_step(self, batch, batch_idx):
         self.log("val_loss", self.per_sample_loss(batch).mean())
@@ -117,10 +116,22 @@ class Audit(Callback):
                 self.failures += int(bool((pl_module.get_parameter(name[:-5])[~mask] != 0).any()))
 
 
+def _acted(cb: Callback) -> str | None:
+    """What a callback without masks or fake-quant layers did, in a few words."""
+    state = cb.state_dict()
+    if isinstance(cb, (EMA, SWA)):
+        return f"{type(cb).__name__}: {state['num_updates']} updates, module holds the average"
+    if isinstance(cb, SampleReweighting):
+        return f"{state['batches_weighted']} batches weighted"
+    if isinstance(cb, DataPruning):
+        return f"{state['forwarded'] / (N * EPOCHS):.0%} of the samples forwarded"
+    return None
+
+
 def measure(kind: str, variant: str) -> dict[str, Any]:
     L.seed_everything(0, verbose=False)
-    model, audit = _model(kind), Audit()
-    trainer = harness.trainer(callbacks=[*VARIANTS[variant](kind), audit], max_epochs=EPOCHS, num_sanity_val_steps=0)
+    model, audit, callbacks = _model(kind), Audit(), VARIANTS[variant](kind)
+    trainer = harness.trainer(callbacks=[*callbacks, audit], max_epochs=EPOCHS, num_sanity_val_steps=0)
     t0 = time.perf_counter()
     try:
         trainer.fit(model, _loader(kind), _loader(kind))
@@ -142,7 +153,8 @@ def measure(kind: str, variant: str) -> dict[str, Any]:
         "zeros_off_mask": all(bool((p[~m] == 0).all()) for p, m in masks.values()),
         "validation_checks": audit.checks, "validation_failures": audit.failures,
         "quantized": len(quantized & quantizable), "quantizable": len(quantizable),
-        "tied": all(a is b for a, b in _pairs(model)),
+        "tied": all(a is b for a, b in _pairs(model)), "has_tied": bool(_pairs(model)),
+        "acted": [a for a in map(_acted, callbacks) if a],
         "finite": all(bool(torch.isfinite(p).all()) for p in model.parameters()),
     }
 
@@ -166,7 +178,9 @@ def _cell(r: dict[str, Any], variant: str) -> str:
                      + ("" if ok else " **pruned slots non-zero**"))
     if "QAT" in variant:
         parts.append(f"{r['quantized']}/{r['quantizable']} layers quantized")
-    parts.append("tied" if r["tied"] else "**untied**")
+    parts += r["acted"]
+    if r.get("has_tied", True):
+        parts.append("still tied" if r["tied"] else "**untied**")
     if not r["finite"]:
         parts.append("**non-finite**")
     return "; ".join(parts)
@@ -181,7 +195,7 @@ def render(res: dict[str, Any]) -> str:
         f"{res['settings']['epochs']} epochs of {res['settings']['batches_per_epoch']} batches each. Sparsity is counted "
         "from the masks over every Linear-like weight (one count per tensor, Hugging Face `Conv1D` included); every "
         "pruned slot was checked to be exactly zero after fit and at every validation batch, under every alias of a "
-        "tied weight. \"tied\": the output head and the token embedding are still one tensor.",
+        "tied weight. \"still tied\": the output head and the token embedding are still one tensor (the conv net has none).",
         "",
         harness.markdown_table(["callbacks", *kinds], [[v, *(_cell(res["rows"][k][v], v) for k in kinds)] for v in variants]),
         "",
