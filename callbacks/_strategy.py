@@ -1,4 +1,10 @@
-"""Strategies the weight-touching callbacks support today."""
+"""Which strategies the weight-touching callbacks run under.
+
+Single device, DDP (every flavour) and FSDP2 (Lightning's ``ModelParallelStrategy``, with
+``fully_shard`` applied in the module's ``configure_model``) are supported; see
+docs/distributed.md. FSDP1 (``FSDPStrategy``) hides parameters in flat buffers and DeepSpeed
+in its own partitions, so a callback would see neither the weights nor their layout.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +12,29 @@ import lightning.pytorch as pl
 
 __all__: list[str] = []
 
-_SHARDED = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy")
+_SUPPORTED = "a single device, DDP (strategy='ddp') or FSDP2 (ModelParallelStrategy, fully_shard in configure_model)"
+
+
+def check_strategy(callback: object, trainer: pl.Trainer) -> None:
+    """ValueError for a strategy the callback cannot see weights through, naming what works."""
+    strategy = type(trainer.strategy).__name__
+    if strategy == "FSDPStrategy":
+        raise ValueError(
+            f"{type(callback).__name__} does not support FSDPStrategy (FSDP1: parameters live in flat buffers); "
+            "use ModelParallelStrategy (FSDP2) and call fully_shard in configure_model, see docs/distributed.md."
+        )
+    if strategy in ("DeepSpeedStrategy", "XLAFSDPStrategy", "XLAStrategy"):
+        raise ValueError(f"{type(callback).__name__} does not support {strategy}; supported: {_SUPPORTED}.")
+
+
+def is_fsdp2(trainer: pl.Trainer) -> bool:
+    """Whether the run shards parameters as FSDP2 DTensors (ModelParallelStrategy)."""
+    return type(trainer.strategy).__name__ == "ModelParallelStrategy"
 
 
 def refuse_sharded(callback: object, trainer: pl.Trainer) -> None:
-    """ValueError for sharded strategies: masks, averages and fake-quant swaps assume whole tensors."""
-    strategy = type(trainer.strategy).__name__
-    if strategy in _SHARDED:
-        raise ValueError(
-            f"{type(callback).__name__} does not support the sharded strategy {strategy} yet; "
-            "use strategy='ddp' (or a single device)."
-        )
+    """``check_strategy``, and a ValueError under FSDP2 for a callback whose sharded support has
+    not landed yet."""
+    check_strategy(callback, trainer)
+    if is_fsdp2(trainer):
+        raise ValueError(f"{type(callback).__name__} does not support ModelParallelStrategy yet; use strategy='ddp'.")

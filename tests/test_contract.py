@@ -192,12 +192,20 @@ def test_every_public_callback_is_registered():
     assert {c.name for c in CASES} == public
 
 
-class FSDPStrategy:  # stands in for Lightning's: only its name is checked
+class FSDPStrategy:  # stand in for Lightning's: only their names are checked
+    pass
+
+
+class DeepSpeedStrategy:
     pass
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.name not in ("SampleReweighting", "DataPruning")], ids=str)
-def test_weight_touching_callbacks_refuse_sharded_strategies_with_the_fix(case):
-    trainer = types.SimpleNamespace(strategy=FSDPStrategy(), callbacks=[], world_size=1)
-    with pytest.raises(ValueError, match="does not support the sharded strategy FSDPStrategy yet; use strategy='ddp'"):
+@pytest.mark.parametrize("strategy, message", [
+    (FSDPStrategy, "does not support FSDPStrategy .FSDP1.* use ModelParallelStrategy .FSDP2."),
+    (DeepSpeedStrategy, "does not support DeepSpeedStrategy; supported: a single device, DDP .* or FSDP2"),
+], ids=["fsdp1", "deepspeed"])
+def test_weight_touching_callbacks_refuse_fsdp1_and_deepspeed_naming_what_works(case, strategy, message):
+    trainer = types.SimpleNamespace(strategy=strategy(), callbacks=[], world_size=1)
+    with pytest.raises(ValueError, match=message):
         case.make().setup(trainer, TinyModel(), "fit")

@@ -1,0 +1,83 @@
+"""Run scenario functions in two processes (gloo) and collect what each rank saved.
+
+Lightning's ModelParallelStrategy always launches its ranks by re-running ``sys.argv``, which
+under pytest would re-run the test session. We start both ranks ourselves, as torchrun would
+(Lightning then treats the processes as created externally), and run many scenarios per
+launch: a launch costs seconds of imports, a tiny fit under a second.
+
+A scenario is a module-level function ``name(out: Path) -> None`` in a module under
+``tests.sharded``; both ranks call it and it writes ``out / f"rank{r}.pt"``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+__all__ = ["launch"]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(module: str, names: list[str], out: Path, world: int = 2, timeout: float = 900) -> dict[str, list]:
+    """Run the scenarios ``names`` of ``tests.sharded.<module>`` on ``world`` ranks; returns
+    ``{name: [rank0_result, rank1_result, ...]}`` or raises with both ranks' output."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world),
+           "NODE_RANK": "0", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    logs = [out / f"log{r}.txt" for r in range(world)]
+    procs = []
+    for rank in range(world):
+        with open(logs[rank], "w") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "tests.sharded.launch", module, str(out), *names],
+                env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            ))
+    deadline = time.monotonic() + timeout
+    try:  # a rank that fails leaves the others waiting in a collective: stop them at once
+        while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        tails = "\n".join(f"--- rank {r} (exit {c}) ---\n" + logs[r].read_text()[-6000:] for r, c in enumerate(codes))
+        raise AssertionError(f"sharded scenarios failed:\n{tails}")
+    return {n: [torch.load(out / n / f"rank{r}.pt", weights_only=False) for r in range(world)] for n in names}
+
+
+def _main(module: str, out: str, *names: str) -> None:
+    scenarios = importlib.import_module(f"tests.sharded.{module}")
+    for name in names:
+        path = Path(out) / name
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            getattr(scenarios, name)(path)
+        except BaseException:
+            traceback.print_exc()
+            sys.stdout.flush()
+            os._exit(1)  # the other rank may wait in a collective: the parent kills it
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter teardown of gloo groups (it can hang)
+
+
+if __name__ == "__main__":
+    _main(*sys.argv[1:])
