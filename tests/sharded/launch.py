@@ -6,7 +6,9 @@ under pytest would re-run the test session. We start both ranks ourselves, as to
 launch: a launch costs seconds of imports, a tiny fit under a second.
 
 A scenario is a module-level function ``name(out: Path) -> None`` in a module under
-``tests.sharded``; both ranks call it and it writes ``out / f"rank{r}.pt"``.
+``tests.sharded``; both ranks call it and it writes ``out / f"rank{r}.pt"``. A scenario that
+raises saves ``{"error": traceback}`` instead (see ``result``); a rank left waiting in a
+collective by the other's failure is killed at the timeout.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["launch"]
+__all__ = ["launch", "result"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,7 +35,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(module: str, names: list[str], out: Path, world: int = 2, timeout: float = 900) -> dict[str, list]:
+def launch(module: str, names: list[str], out: Path, world: int = 2, timeout: float = 600) -> dict[str, list]:
     """Run the scenarios ``names`` of ``tests.sharded.<module>`` on ``world`` ranks; returns
     ``{name: [rank0_result, rank1_result, ...]}`` or raises with both ranks' output."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world),
@@ -64,6 +66,14 @@ def launch(module: str, names: list[str], out: Path, world: int = 2, timeout: fl
     return {n: [torch.load(out / n / f"rank{r}.pt", weights_only=False) for r in range(world)] for n in names}
 
 
+def result(results: dict[str, list], name: str) -> list:
+    """The per-rank results of scenario ``name``; fails the test with its traceback if it raised."""
+    errors = [r["error"] for r in results[name] if isinstance(r, dict) and "error" in r]
+    if errors:
+        raise AssertionError(f"scenario {name} raised:\n{errors[0]}")
+    return results[name]
+
+
 def _main(module: str, out: str, *names: str) -> None:
     scenarios = importlib.import_module(f"tests.sharded.{module}")
     for name in names:
@@ -71,10 +81,9 @@ def _main(module: str, out: str, *names: str) -> None:
         path.mkdir(parents=True, exist_ok=True)
         try:
             getattr(scenarios, name)(path)
-        except BaseException:
+        except Exception:  # both ranks usually fail alike (a ValueError at setup): go on to the next
             traceback.print_exc()
-            sys.stdout.flush()
-            os._exit(1)  # the other rank may wait in a collective: the parent kills it
+            torch.save({"error": traceback.format_exc()}, path / f"rank{os.environ['RANK']}.pt")
     sys.stdout.flush()
     os._exit(0)  # skip interpreter teardown of gloo groups (it can hang)
 

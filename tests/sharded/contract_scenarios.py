@@ -1,0 +1,46 @@
+"""The sharded contract column: for every registered callback (``tests/cases.py``), a run
+under FSDP2, the same run under DDP, and a crash-resume through a distributed checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.cases import CASES, flat_state
+from tests.sharded.common import crash_resume, fit, save, snapshot
+
+CASE = {c.name: c for c in CASES}
+
+
+def _state(cb: Any) -> dict[str, Any]:
+    state = flat_state(cb.state_dict())
+    raw = getattr(cb, "raw_weights", None)
+    if raw is not None:
+        state.update(flat_state({k: v.detach().cpu() for k, v in raw.items()}, "raw_weights."))
+    return {k: (v.detach().cpu().clone() if hasattr(v, "detach") else v) for k, v in state.items()}
+
+
+def run_case(name: str, out) -> None:
+    result = {}
+    for kind in ("ddp", "fsdp2"):
+        cb = CASE[name].make()
+        trainer, model = fit(kind, [cb])
+        result[kind] = {"model": snapshot(model), "state": _state(cb), "step": trainer.global_step}
+    ref, ref_cbs, resumed, cbs = crash_resume("fsdp2", lambda: [CASE[name].make()], out)
+    result["ref"], result["resumed"] = snapshot(ref), snapshot(resumed)
+    result["ref_state"], result["resumed_state"] = _state(ref_cbs[0]), _state(cbs[0])
+    save(out, result)
+
+
+def plain(out) -> None:
+    """The plain Trainer: FSDP2 vs DDP and crash-resume, the baseline every callback must keep."""
+    result = {}
+    for kind in ("ddp", "fsdp2"):
+        ref, _, resumed, _ = crash_resume(kind, lambda: [], out / kind)
+        result[kind] = (snapshot(ref), snapshot(resumed))
+    save(out, result)
+
+
+def __getattr__(name: str):  # case_<Name> for every registered callback
+    if name.startswith("case_") and name[5:] in CASE:
+        return lambda out: run_case(name[5:], out)
+    raise AttributeError(name)

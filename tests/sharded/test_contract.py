@@ -1,0 +1,65 @@
+"""The contract's sharded column (2 processes, gloo, ModelParallelStrategy): every registered
+callback fits a model that shards itself in ``configure_model`` (uneven shards: hidden width
+15), ends where the same run under DDP ends (weights, masks, averages, scales to float
+tolerance; bool and integer state exactly), and a crash-resume through a distributed
+checkpoint is bit-identical to the uninterrupted run. One launch runs every selected case."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.cases import CASES
+from tests.sharded.launch import launch, result
+
+pytestmark = pytest.mark.slow
+
+NAMES = [c.name for c in CASES]
+# Sharded support still landing: strict, so the entry must go when the callback passes.
+PENDING = {"EMA", "SWA", "GradualPruning", "DynamicSparseTraining", "QuantizationAwareTraining"}
+
+
+@pytest.fixture(scope="module")
+def results(request, tmp_path_factory):
+    wanted = {item.callspec.params["name"] for item in request.session.items
+              if item.module.__name__ == __name__ and hasattr(item, "callspec") and "name" in item.callspec.params}
+    scenarios = ["plain"] + [f"case_{n}" for n in NAMES if n in wanted]
+    return launch("contract_scenarios", scenarios, tmp_path_factory.mktemp("contract"))
+
+
+def same(a: dict, b: dict, what: str, exact: bool = True, keys=None) -> None:
+    keys = a.keys() if keys is None else keys
+    if keys is a.keys():
+        assert a.keys() == b.keys(), f"{what}: keys {sorted(set(a) ^ set(b))}"
+    for key in keys:
+        x, y = a[key], b[key]
+        if not isinstance(x, torch.Tensor):
+            assert x == y, f"{what}: {key}: {x} != {y}"
+        elif exact or not x.is_floating_point():
+            assert x.dtype == y.dtype and torch.equal(x, y), f"{what}: {key} differs"
+        else:
+            torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6, msg=f"{what}: {key}")
+
+
+def test_plain_trainer_fsdp2_equals_ddp_and_resumes_bit_exact(results):
+    rank0 = result(results, "plain")[0]
+    for kind in ("ddp", "fsdp2"):
+        ref, resumed = rank0[kind]
+        same(resumed, ref, f"{kind} resume")
+    same(rank0["fsdp2"][0], rank0["ddp"][0], "fsdp2 vs ddp", exact=False)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="sharded support pending"))
+                                  if n in PENDING else n for n in NAMES])
+def test_callback_under_fsdp2_equals_ddp_and_resumes_bit_exact(results, name):
+    r0, r1 = result(results, f"case_{name}")
+    ddp, fsdp = r0["ddp"], r0["fsdp2"]
+    assert fsdp["step"] == ddp["step"] > 0
+    # The model keeps its own keys; sharded runs may hold more (state kept where DCP shards it).
+    assert ddp["model"].keys() <= fsdp["model"].keys()
+    same(ddp["model"], fsdp["model"], "final model, fsdp2 vs ddp", exact=False, keys=ddp["model"].keys())
+    common = ddp["state"].keys() & fsdp["state"].keys()
+    same(ddp["state"], fsdp["state"], "callback state, fsdp2 vs ddp", exact=False, keys=common)
+    same(fsdp["state"], r1["fsdp2"]["state"], "callback state across ranks")
+    same(r0["ref"], r0["resumed"], "crash-resume through DCP: model")
+    same(r0["ref_state"], r0["resumed_state"], "crash-resume through DCP: callback state")
