@@ -19,6 +19,7 @@ import os
 import torch
 
 from ..callbacks import QuantizationAwareTraining
+from ..core.checkpoints import load_checkpoint
 from ..core.quantization import export_int, quant_modules, to_int8_cpu_
 
 __all__ = ["export_main"]
@@ -41,7 +42,7 @@ def export_main(argv: list[str]) -> dict:
         raise ValueError(f"the config attaches {len(qat)} QuantizationAwareTraining callbacks; export needs exactly one.")
     model = cli.model
     qat[0].setup(cli.trainer, model, "validate")  # the same fake-quant layers as in training
-    checkpoint = torch.load(args.ckpt_path, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint(args.ckpt_path)  # a file, or the directory a sharded run writes
     model.load_state_dict(checkpoint["state_dict"])
     layers = quant_modules(model)
     for name, layer in layers.items():

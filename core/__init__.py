@@ -1,6 +1,6 @@
 """Torch-only math of every lichtenberg technique. This package never imports lightning."""
 
 from . import averaging, layers, schedules, sparsity, targets
-from .checkpoints import plain_state_dict
+from .checkpoints import load_checkpoint, plain_state_dict
 
-__all__ = ["averaging", "layers", "plain_state_dict", "schedules", "sparsity", "targets"]
+__all__ = ["averaging", "layers", "load_checkpoint", "plain_state_dict", "schedules", "sparsity", "targets"]

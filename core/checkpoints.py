@@ -9,22 +9,54 @@ weights are the latent float weights (QAT's fake-quantized values come from
 EMA / SWA averages stored in the callback state replace the raw weights they average (tied
 aliases included, still on the masks).
 
+A sharded run (``ModelParallelStrategy(save_distributed_checkpoint=True)``) writes a
+directory instead of a file: torch.distributed.checkpoint (DCP) shards of the model and
+optimizer state plus Lightning's ``meta.pt`` (callback states, loops). ``load_checkpoint``
+reads either into one whole checkpoint dict, in a single process with no process group, so
+``plain_state_dict`` and ``lichtenberg export`` work on both. Sharded runs keep averages as
+``<param>_ema`` / ``<param>_swa`` buffers beside the weights (so DCP shards them); they are
+dropped from the plain state dict, and used for ``averaged``.
+
 Example:
-    >>> state = plain_state_dict(torch.load("last.ckpt", weights_only=False), averaged="EMA")
+    >>> state = plain_state_dict("checkpoints/last.ckpt", averaged="EMA")   # a file or a DCP directory
     >>> MyModule().load_state_dict(state, strict=True)
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["plain_state_dict"]
+__all__ = ["load_checkpoint", "plain_state_dict"]
 
 _QUANTIZER_PARTS = (".weight_quantizer.", ".input_quantizer.")
+_BESIDE = {"_mask": None, "_ema": "EMA", "_swa": "SWA", "_rewind": None}  # per-weight state kept as buffers
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A Lightning checkpoint as one dict of whole CPU tensors: a ``.ckpt`` file, or the
+    directory a sharded run writes (DCP shards + ``meta.pt``), read without a process group."""
+    path = Path(path)
+    if not path.is_dir():
+        return torch.load(path, map_location="cpu", weights_only=False)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(path)
+    entries = reader.read_metadata().state_dict_metadata
+    # Only the model: optimizer states need their optimizer to be rebuilt (resume with the Trainer).
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in entries.items()
+             if k.startswith("state_dict.") and isinstance(m, TensorStorageMetadata)}
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    meta = path / "meta.pt"
+    checkpoint = torch.load(meta, map_location="cpu", weights_only=False) if meta.exists() else {}
+    checkpoint["state_dict"] = {k[len("state_dict."):]: v for k, v in state.items()}
+    return checkpoint
 
 
 def _identity(t: Tensor) -> tuple:
@@ -33,39 +65,45 @@ def _identity(t: Tensor) -> tuple:
 
 
 @torch.no_grad()
-def plain_state_dict(checkpoint: Mapping[str, Any], averaged: str | None = None) -> dict[str, Tensor]:
+def plain_state_dict(checkpoint: Mapping[str, Any] | str | os.PathLike, averaged: str | None = None) -> dict[str, Tensor]:
     """The plain module's state dict from a Lightning checkpoint (or a module state dict).
 
     Args:
-        checkpoint: a loaded Lightning checkpoint (``torch.load(path, weights_only=False)``) or a
-            module state dict.
+        checkpoint: a loaded Lightning checkpoint (``torch.load(path, weights_only=False)``), a
+            module state dict, or the path of a checkpoint file or sharded checkpoint directory.
         averaged: "EMA" or "SWA": take the weights from that callback's averages (the checkpoint
             must hold exactly one such callback state).
     """
+    if isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint = load_checkpoint(checkpoint)
     state = checkpoint.get("state_dict", checkpoint)
-    masks = {k[: -len("_mask")]: v for k, v in state.items()
-             if k.endswith("_mask") and isinstance(v, Tensor) and v.dtype == torch.bool and k[: -len("_mask")] in state}
-    out = {k: v.clone() for k, v in state.items()
-           if not (k[: -len("_mask")] in masks and k.endswith("_mask")) and not any(p in k for p in _QUANTIZER_PARTS)}
+    beside = {k: suffix for k in state for suffix in _BESIDE
+              if k.endswith(suffix) and k[: -len(suffix)] in state and isinstance(state[k], Tensor)}
+    masks = {k[: -len("_mask")]: state[k] for k, suffix in beside.items() if suffix == "_mask" and state[k].dtype == torch.bool}
+    out = {k: v.clone() for k, v in state.items() if k not in beside and not any(p in k for p in _QUANTIZER_PARTS)}
     if averaged is not None:
-        _load_averages(out, checkpoint, averaged)
+        buffers = {k[: -len(s)]: state[k] for k, s in beside.items() if _BESIDE[s] == averaged}
+        _load_averages(out, state, checkpoint, averaged, buffers)
     for name, mask in masks.items():
         out[name].mul_(mask)
     return out
 
 
-def _load_averages(out: dict[str, Tensor], checkpoint: Mapping[str, Any], averaged: str) -> None:
+def _load_averages(out: dict[str, Tensor], state: Mapping[str, Tensor], checkpoint: Mapping[str, Any], averaged: str,
+                   buffers: dict[str, Tensor]) -> None:
     found = [v for k, v in (checkpoint.get("callbacks") or {}).items() if isinstance(k, str) and k.startswith(averaged + "{")]
-    if len(found) != 1:
+    if len(found) > 1 or not (found or buffers):
         raise ValueError(f"averaged={averaged!r}: the checkpoint holds {len(found)} {averaged} callback states, not one; "
                          "pass 'EMA' or 'SWA' as attached when it was written.")
     aliases: dict[tuple, list[str]] = {}
-    for key, value in checkpoint["state_dict"].items():
+    for key, value in state.items():
         aliases.setdefault(_identity(value), []).append(key)
-    for name, average in found[0]["tensors"].items():
+    # A sharded run keeps weight averages as buffers (and may keep buffer averages in its state).
+    averages = {**((found[0].get("tensors") or {}) if found else {}), **buffers}
+    for name, average in averages.items():
         if any(p in name for p in _QUANTIZER_PARTS):
             continue  # averaged quantizer scales belong to the fake-quant layers, not the plain module
         if name not in out:
             raise ValueError(f"the {averaged} state averages {name!r}, which the model state does not hold.")
-        for alias in aliases[_identity(checkpoint["state_dict"][name])]:
+        for alias in aliases[_identity(state[name])]:
             out[alias] = average.to(out[alias].dtype).clone()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lichtenberg.callbacks import EMA, GradualPruning, QuantizationAwareTraining
-from lichtenberg.core import plain_state_dict
+from lichtenberg.core import load_checkpoint, plain_state_dict
 from lichtenberg.core.schedules import SparsitySchedule
 from tests.cases import TRAINER, TinyData, TinyModel
 from tests.zoo import Wrapped, data
@@ -52,3 +53,29 @@ def test_a_tied_gpt2_checkpoint_loads_into_plain_gpt2_and_stays_tied(tmp_path):
     assert head is wte and torch.equal(wte, state["net.transformer.wte.weight"])
     mask = model.net.lm_head.weight_mask
     assert (wte[~mask] == 0).all() and torch.equal(wte, model.net.transformer.wte.weight)  # = the shipped EMA weights
+
+
+def _sharded_checkpoint_dir(path, state, meta):
+    """A directory laid out as Lightning's ModelParallelStrategy writes it (DCP + meta.pt)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"state_dict": state}, storage_writer=dcp.FileSystemWriter(path), no_dist=True)
+    torch.save(meta, path / "meta.pt")
+
+
+def test_a_sharded_checkpoint_directory_becomes_a_plain_state_dict(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    weight, average = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    mask = torch.rand(5, 3, generator=g) > 0.5
+    state = {"fc.weight": weight, "fc.weight_mask": mask, "fc.weight_ema": average, "fc.bias": torch.ones(5)}
+    _sharded_checkpoint_dir(tmp_path, state, {"global_step": 7, "callbacks": {"EMA{'decay': 0.9}": {"num_updates": 3}}})
+    loaded = load_checkpoint(tmp_path)
+    assert loaded["global_step"] == 7 and set(loaded["state_dict"]) == set(state)
+    assert all(torch.equal(loaded["state_dict"][k], v) for k, v in state.items())
+    raw = plain_state_dict(tmp_path)
+    assert set(raw) == {"fc.weight", "fc.bias"}, "masks and averages kept beside the weights are not model keys"
+    assert torch.equal(raw["fc.weight"], weight * mask)
+    averaged = plain_state_dict(str(tmp_path), averaged="EMA")
+    assert torch.equal(averaged["fc.weight"], average * mask) and torch.equal(averaged["fc.bias"], torch.ones(5))
+    with pytest.raises(ValueError, match="averaged='SWA': the checkpoint holds 0 SWA"):
+        plain_state_dict(tmp_path, averaged="SWA")
