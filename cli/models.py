@@ -113,6 +113,25 @@ class DemoModule(LightningModule):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x).argmax(-1)
 
+    def configure_model(self) -> None:
+        """Under ModelParallelStrategy (FSDP2), shard every layer with untied parameters, then the
+        whole module (which takes the rest: tied weights, norms); elsewhere do nothing."""
+        if self.device_mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        owners: dict[int, int] = {}
+        for module in self.modules():
+            for p in module.parameters(recurse=False):
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        for module in list(self.modules()):
+            own = list(module.parameters(recurse=False))
+            # A tied weight (embedding = head) must be sharded once, by a module above both.
+            if module is not self and own and all(owners[id(p)] == 1 for p in own):
+                fully_shard(module, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
     def configure_optimizers(self):
         params = self.parameters()
         if self.optimizer_name == "sgd":

@@ -11,6 +11,13 @@ from ..callbacks._summary import format_table
 __all__ = ["fit_summary"]
 
 
+
+def _class_name(model: object) -> str:
+    """The model's own class name (FSDP2's ``fully_shard`` swaps in an ``FSDP<Name>`` subclass)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c.__name__ for c in type(model).__mro__ if not (issubclass(c, FSDPModule) and c.__name__.startswith("FSDP")))
+
 def _metric(results: list[dict]) -> tuple[str, float]:
     metrics = results[0] if results else {}
     key = "val_acc" if "val_acc" in metrics else "val_loss"
@@ -33,7 +40,7 @@ def _validate(model: L.LightningModule, datamodule, weights: dict[str, torch.Ten
 def fit_summary(trainer: L.Trainer, model: L.LightningModule, datamodule, wall_seconds: float) -> str:
     """Rows: run facts, then the validation metric of the raw weights and of each average."""
     rows = [
-        ("model / data", f"{type(model).__name__} / {type(datamodule).__name__}"),
+        ("model / data", f"{_class_name(model)} / {type(datamodule).__name__}"),
         ("optimizer steps / epochs", f"{trainer.global_step} / {trainer.current_epoch}"),
         ("wall time", f"{wall_seconds:.1f} s"),
     ]

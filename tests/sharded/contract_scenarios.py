@@ -44,3 +44,32 @@ def __getattr__(name: str):  # case_<Name> for every registered callback
     if name.startswith("case_") and name[5:] in CASE:
         return lambda out: run_case(name[5:], out)
     raise AttributeError(name)
+
+
+def _composition():
+    from lichtenberg.callbacks import EMA, GradualPruning, QuantizationAwareTraining
+    from lichtenberg.core.schedules import SparsitySchedule
+
+    return [GradualPruning(sparsity=0.75, schedule=SparsitySchedule(start=2, end=30, every_n_steps=4), allocation="lamp"),
+            QuantizationAwareTraining(weight_bits=4, activation_bits=8, start_step=6), EMA(decay=0.9)]
+
+
+def composition(out) -> None:
+    """GradualPruning + QAT + EMA: FSDP2 vs DDP, DCP crash-resume, and the plain averaged state
+    dict exported from the sharded checkpoint directory vs from DDP's checkpoint file."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lichtenberg.core import plain_state_dict
+
+    result = {}
+    for kind in ("ddp", "fsdp2"):
+        cbs = _composition()
+        trainer, model = fit(kind, cbs + [ModelCheckpoint(dirpath=out / f"last-{kind}", save_last=True)])
+        result[kind] = {"model": snapshot(model), "state": {type(c).__name__: _state(c) for c in cbs}}
+        trainer.strategy.barrier()
+        result[kind]["export"] = plain_state_dict(out / f"last-{kind}" / "last.ckpt", averaged="EMA")
+    ref, ref_cbs, resumed, cbs = crash_resume("fsdp2", _composition, out)
+    result["ref"], result["resumed"] = snapshot(ref), snapshot(resumed)
+    result["ref_state"] = {type(c).__name__: _state(c) for c in ref_cbs}
+    result["resumed_state"] = {type(c).__name__: _state(c) for c in cbs}
+    save(out, result)
