@@ -1,10 +1,18 @@
 """Sparsity: one mask engine, mask selection, layer allocation, scores and policies."""
 
 from .allocation import Allocation, allocate, erk_densities, lamp_scores
-from .dst import cosine_drop_fraction, drop_and_grow, fanin_masks, growth_scores, random_masks, srigl_update
+from .dst import (
+    cosine_drop_fraction,
+    drop_and_grow,
+    fanin_masks,
+    growth_scores,
+    random_masks,
+    random_scores,
+    srigl_update,
+)
 from .engine import MaskEngine, mask_name, masked_bits_
 from .export import export_sparse_
-from .masks import check_nm, nm_mask, parse_pattern, topk_mask
+from .masks import check_nm, check_sharded_nm, nm_mask, parse_pattern, topk_mask
 from .pruning import prune_masks
 from .scores import InputNorms, gradient_score, magnitude_score, wanda_score
 from .srste import SRSTE
@@ -16,6 +24,7 @@ __all__ = [
     "SRSTE",
     "allocate",
     "check_nm",
+    "check_sharded_nm",
     "cosine_drop_fraction",
     "drop_and_grow",
     "erk_densities",
@@ -31,6 +40,7 @@ __all__ = [
     "parse_pattern",
     "prune_masks",
     "random_masks",
+    "random_scores",
     "srigl_update",
     "topk_mask",
     "wanda_score",

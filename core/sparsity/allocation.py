@@ -8,6 +8,9 @@
 - erk: Erdos-Renyi-Kernel densities proportional to (sum of dims) / (product of dims).
 
 All return exact integer keep-counts per layer; selecting within a layer is ``topk_mask``.
+FSDP2 DTensor scores give the same counts on every rank without gathering them (global:
+one distributed threshold, 33 small all-reduces; lamp: nested bisection, see
+``lichtenberg.core.sparsity.sharded``); uniform and erk need only the global shapes.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..distributed import full, is_sharded, like, local
+from . import sharded
 from .masks import topk_mask
 
 __all__ = ["Allocation", "allocate", "erk_densities", "lamp_scores"]
@@ -26,7 +31,15 @@ Allocation = Literal["uniform", "global", "global_floor", "lamp", "erk"]
 
 
 def lamp_scores(weight: Tensor) -> Tensor:
-    """LAMP score of every weight of one layer, same shape. Needs one sort of the layer."""
+    """LAMP score of every weight of one layer, same shape. Needs one sort of the layer.
+
+    A DTensor is gathered for this (its scores need the whole layer's order); selection by
+    LAMP (``allocate``, ``prune_masks``) never calls this on shards.
+    """
+    if is_sharded(weight):
+        start, length = sharded.shard_span(weight)
+        whole = lamp_scores(full(weight))
+        return like(weight, whole.narrow(sharded.mesh_of(weight)[3], start, length).contiguous())
     w2 = weight.detach().float().reshape(-1) ** 2
     order = w2.argsort()  # ascending
     sorted_w2 = w2[order]
@@ -52,6 +65,9 @@ def erk_densities(shapes: dict[str, torch.Size], density: float) -> dict[str, fl
 
 
 def _global_counts(scores: dict[str, Tensor], keep: int) -> dict[str, int]:
+    if sharded.any_sharded(scores.values()):
+        _, counts = sharded.select(list(scores.values()), [keep], [0] * len(scores))
+        return dict(zip(scores, counts))
     flat = torch.cat([s.reshape(-1).float() for s in scores.values()])
     kept = topk_mask(flat, keep)
     counts = kept.split([s.numel() for s in scores.values()])
@@ -68,7 +84,8 @@ def allocate(
     """Keep-count per layer so that the total sparsity is ``sparsity`` (±1 weight per layer).
 
     Args:
-        scores: per-layer importance scores (|w| for magnitude pruning).
+        scores: per-layer importance scores (|w| for magnitude pruning); whole tensors, or
+            all DTensor shards (FSDP2), which give the same counts.
         sparsity: global fraction of weights to remove, in [0, 1).
         method: the allocation rule.
         floor: minimum density per layer for ``global_floor``.
@@ -81,6 +98,9 @@ def allocate(
     if method == "global":
         return _global_counts(scores, total_keep)
     if method == "lamp":
+        if sharded.any_sharded(scores.values()):
+            layers = [(weights or scores)[n] for n in scores]
+            return dict(zip(scores, sharded.lamp_counts([like(w, local(w).abs()) for w in layers], None, total_keep)))
         return _global_counts({n: lamp_scores((weights or scores)[n]) for n in scores}, total_keep)
     if method == "erk":
         densities = erk_densities({n: s.shape for n, s in scores.items()}, 1.0 - sparsity)

@@ -3,6 +3,10 @@
 Already-pruned entries get the lowest possible score, so a growing sparsity target only ever
 removes more weights (masks are monotone), whatever the allocation rule.
 
+FSDP2 DTensor scores and masks give the same masks as DTensors laid out alike, nothing
+gathered: the allocation's selection plus one per-layer selection (66 small all-reduces;
+LAMP adds its nested bisection, see ``lichtenberg.core.sparsity.sharded``).
+
 Example:
     >>> masks = prune_masks(scores, engine.masks, sparsity=0.8, allocation="lamp")
     >>> engine.set_masks_(masks, optimizers)
@@ -13,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..distributed import like, local
+from . import sharded
 from .allocation import Allocation, allocate, lamp_scores
 from .masks import nm_mask, topk_mask
 
@@ -38,6 +44,8 @@ def prune_masks(
         nm: (N, M) to keep N of every M consecutive inputs, or None for unstructured.
         floor: minimum layer density for ``global_floor``.
     """
+    if sharded.any_sharded([*scores.values(), *(masks[n] for n in scores)]):
+        return _prune_sharded(scores, masks, sparsity, allocation, nm, floor)
     live = {n: torch.where(masks[n], s.float(), torch.tensor(-1.0, device=s.device)) for n, s in scores.items()}
     if nm is not None:
         return {n: nm_mask(s, *nm) & masks[n] for n, s in live.items()}
@@ -49,3 +57,23 @@ def prune_masks(
         return {n: topk_mask(ranked[n], counts[n]) for n in live}
     counts = allocate(live, sparsity, allocation, floor=floor)
     return {n: topk_mask(s, counts[n]) for n, s in live.items()}
+
+
+def _prune_sharded(scores, masks, sparsity, allocation, nm, floor) -> dict[str, Tensor]:
+    """:func:`prune_masks` on DTensor shards: the same rules, selections by threshold bisection."""
+    live = {n: like(s, torch.where(local(masks[n]), local(s).float(), -1.0)) for n, s in scores.items()}
+    if nm is not None:
+        return {n: like(s, local(nm_mask(s, *nm)) & local(masks[n])) for n, s in live.items()}
+    names = list(live)
+    if isinstance(sparsity, dict):
+        counts = {n: round((1.0 - sparsity[n]) * live[n].numel()) for n in names}
+    elif allocation == "lamp":
+        total = round((1.0 - sparsity) * sum(s.numel() for s in live.values()))
+        proxies = [like(live[n], local(live[n]).clamp_min(0)) for n in names]
+        counts = dict(zip(names, sharded.lamp_counts(proxies, [masks[n] for n in names], total)))
+        # LAMP is monotone in the magnitude inside a layer: keep each layer's largest live scores.
+        live = {n: like(p, torch.where(local(masks[n]), local(p), -1.0)) for n, p in zip(names, proxies)}
+    else:
+        counts = allocate(live, sparsity, allocation, floor=floor)
+    kept, _ = sharded.select([live[n] for n in names], [counts[n] for n in names])
+    return {n: like(live[n], k) for n, k in zip(names, kept)}

@@ -13,9 +13,12 @@ Example:
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
+from ..distributed import is_sharded, like, local
 from ..layers import layer_kind
+from . import sharded
 
 __all__ = ["InputNorms", "gradient_score", "magnitude_score", "wanda_score"]
 
@@ -36,7 +39,26 @@ def wanda_score(weight: Tensor, input_sq_norm: Tensor, groups: int = 1) -> Tenso
 
     ``input_sq_norm`` holds one squared norm per input feature ``[in]``; with ``groups`` > 1
     (grouped and depthwise convolutions) output row o sees only its group's inputs.
+
+    A DTensor weight (Shard(0) rows, or Shard(1) for a Conv1D rows view) with the whole
+    ``input_sq_norm`` (summed over ranks) gives the same scores laid out alike, locally.
     """
+    if is_sharded(weight):
+        dim = sharded.mesh_of(weight)[3]
+        start, length = sharded.shard_span(weight)
+        norm = input_sq_norm.sqrt().to(weight.dtype).view(groups, -1)  # [groups, in / groups]
+        w = local(weight).detach().abs()
+        if norm.shape[1] != weight.shape[1]:
+            raise ValueError(f"wanda: {norm.shape[1]} input features per group but the weight has {weight.shape[1]} "
+                             "inputs per output: pass the weight as rows [out, in, ...] and the layer's groups.")
+        if dim == 0:  # output row o belongs to group o // (out / groups)
+            group_of_row = torch.arange(start, start + length, device=norm.device) // (weight.shape[0] // groups)
+            cols = norm[group_of_row]  # [rows here, in / groups]
+        elif dim == 1 and groups == 1:  # inputs split: this rank's inputs
+            cols = norm[:, start:start + length].expand(w.shape[0], -1)
+        else:
+            raise ValueError(f"wanda: weight sharded along dim {dim} with groups={groups} is not supported.")
+        return like(weight, w * cols.view(*cols.shape, *[1] * (w.dim() - 2)))
     norm = input_sq_norm.sqrt().to(weight.dtype)
     w = weight.detach().abs()
     per_group = norm.view(groups, -1)  # [groups, in / groups]
