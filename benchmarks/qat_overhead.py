@@ -205,6 +205,8 @@ def attach(model: nn.Module, **qat: Any) -> None:
     """
     trainer = harness.trainer()  # setup only reads its strategy
     QuantizationAwareTraining(**qat).setup(trainer, model, "fit")  # type: ignore[arg-type]
+    if hasattr(model, "configure_model"):
+        model.configure_model()  # the callback binds right after the module's configure_model
     for m in quant_modules(model).values():
         m.weight_quantizer.enabled = True
         if m.input_quantizer is not None:

@@ -41,7 +41,8 @@ def export_main(argv: list[str]) -> dict:
     if len(qat) != 1:
         raise ValueError(f"the config attaches {len(qat)} QuantizationAwareTraining callbacks; export needs exactly one.")
     model = cli.model
-    qat[0].setup(cli.trainer, model, "validate")  # the same fake-quant layers as in training
+    qat[0].setup(cli.trainer, model, "validate")  # the same fake-quant layers as in training ...
+    model.configure_model()  # ... bound after the module's own configure_model, as in a run
     checkpoint = load_checkpoint(args.ckpt_path)  # a file, or the directory a sharded run writes
     model.load_state_dict(checkpoint["state_dict"])
     layers = quant_modules(model)
