@@ -4,6 +4,8 @@ The layer swap happens in ``setup``: before the optimizer is built (LSQ scales a
 parameters the optimizer must see) and before a checkpoint is restored (keys match).
 Everything the quantizers learn or observe is module state, so checkpoints carry it and a
 resume is bit-exact; the callback itself only derives the mode from ``global_step``.
+Under FSDP2 the swap follows ``fully_shard``: learned scales are replicated DTensors whose
+gradients this callback averages once per step (``lichtenberg.core.quantization.sharded``).
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from ..core.checks import check_choice, check_step
+from ..core.distributed import check_layout, full
 from ..core.layers import KINDS, LayerKind, as_rows, layer_kind
 from ..core.quantization import ACTIVATION_METHODS, ActivationQuantizer, WeightQuantizer, prepare_, quant_modules
 from ..core.quantization.modules import _Quant
+from ..core.quantization.sharded import average_gradients_, replicate_quantizers_
 from ..core.schedules import resolve_step
 from ..core.targets import Targets, select_targets
 from ._base import _Base, after_configure_model, never_acts, run_length
-from ._strategy import refuse_sharded
+from ._strategy import check_strategy
 from ._summary import format_table
 
 __all__ = ["QuantizationAwareTraining"]
@@ -126,7 +130,7 @@ class QuantizationAwareTraining(_Base):
 
     def _reset(self) -> None:
         """Forget the model of an earlier fit (its layers stay prepared; their state is module state)."""
-        self._layers = {}
+        self._layers, self._replicated = {}, []
         self._start, self._freeze, self._total, self._frozen_at = 0, None, 1, -1
         self._enabled = False
 
@@ -142,7 +146,7 @@ class QuantizationAwareTraining(_Base):
         return all(own.get(n) is m for n, m in self._layers.items())
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        refuse_sharded(self, trainer)
+        check_strategy(self, trainer)
         if self._load_hook is None:
             self._load_hook = pl_module.register_load_state_dict_pre_hook(self._check_loaded_quantizers)
         if stage != "fit" and self._bound_to(pl_module):
@@ -156,8 +160,10 @@ class QuantizationAwareTraining(_Base):
         modules = {name.rpartition(".")[0]: m for name, m in selection.modules.items()}
         for others in selection.aliases.values():
             modules.update({name.rpartition(".")[0]: m for name, m in others.items()})
+        for name, module in modules.items():
+            check_layout(f"{name}.weight", module.weight)
         if self.granularity.startswith("group:"):
-            bad = [n for n, m in modules.items() if m.weight[0].numel() % self.group_size]
+            bad = [n for n, m in modules.items() if m.weight.shape[1:].numel() % self.group_size]
             if bad:
                 raise ValueError(f"{bad}: fan-in not divisible by the group size {self.group_size}; exclude them "
                                  "or pick another granularity.")
@@ -170,6 +176,7 @@ class QuantizationAwareTraining(_Base):
                                  "call lichtenberg.core.quantization.unprepare_(model) first, or use the same settings.")
         skipped = prepare_(modules, self._weight_quantizer, self._input_quantizer)
         self._layers = {n: m for n, m in quant_modules(pl_module).items() if n in modules}
+        self._replicated = replicate_quantizers_(self._layers)  # FSDP2 only: see core.quantization.sharded
         lines = [f"{len(self._layers)} layers quantized: {', '.join(self._layers)}"]
         lines += [f"  not quantized: {n} ({why})" for n, why in selection.skipped.items()]
         rank_zero_info("QuantizationAwareTraining: " + "\n".join(lines))
@@ -265,6 +272,9 @@ class QuantizationAwareTraining(_Base):
                          if isinstance(m.weight_quantizer, WeightQuantizer))
             rank_zero_info(f"QuantizationAwareTraining: froze {frozen} oscillating weights at step {step}.")
 
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        average_gradients_(self._replicated)  # before the module's hook and clipping, as DDP's average
+
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._set_mode(trainer.global_step)
 
@@ -291,7 +301,7 @@ class QuantizationAwareTraining(_Base):
         for name, module in self._layers.items():
             wq = module.weight_quantizer
             if isinstance(wq, WeightQuantizer) and self._enabled:
-                rows = as_rows(module.weight, KINDS[module.target_name])
+                rows = as_rows(full(module.weight), KINDS[module.target_name])  # FSDP2: a gather per epoch
                 pl_module.log(f"qat/scale/{name}", wq.step_scale(rows).mean(), on_step=False, on_epoch=True)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

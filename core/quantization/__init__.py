@@ -5,6 +5,7 @@ from .functional import (binarize, fake_quantize, grad_scale, grouped, lsq_quant
                          straight_through, ternarize)
 from .modules import QUANT_CLASSES, QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear, prepare_, quant_modules, unprepare_
 from .quantizers import ACTIVATION_METHODS, WEIGHT_METHODS, ActivationQuantizer, WeightQuantizer
+from .sharded import average_gradients_, replicate_quantizers_
 
 __all__ = [
     "ACTIVATION_METHODS",
@@ -16,6 +17,7 @@ __all__ = [
     "QuantLinear",
     "WEIGHT_METHODS",
     "WeightQuantizer",
+    "average_gradients_",
     "binarize",
     "dequantize",
     "export_int",
@@ -27,6 +29,7 @@ __all__ = [
     "prepare_",
     "qrange",
     "quant_modules",
+    "replicate_quantizers_",
     "reste_power",
     "round_ste",
     "straight_through",

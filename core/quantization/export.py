@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed import full, is_sharded
 from ..layers import KINDS, as_rows, from_rows, layer_kind
 from .functional import grouped
 from .modules import quant_modules, unprepare_
@@ -33,7 +34,11 @@ __all__ = ["dequantize", "export_int", "packed_bytes", "to_int8_cpu_"]
 
 @torch.no_grad()
 def export_int(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Integer weights and scales of every fake-quant layer whose quantization has started."""
+    """Integer weights and scales of every fake-quant layer whose quantization has started.
+
+    Sharded (FSDP2) weights are all-gathered one layer at a time: a collective, so every rank
+    calls it, and every rank gets the same whole result (save it from rank 0).
+    """
     layers = quant_modules(model)
     if not layers:
         raise ValueError("the model has no fake-quant layers: prepare it (attach QuantizationAwareTraining) first.")
@@ -44,7 +49,7 @@ def export_int(model: nn.Module) -> dict[str, dict[str, Any]]:
             raise ValueError(f"{name}: its weight quantizer is not enabled (quantization has not started); "
                              "train past start_step or enable it before exporting.")
         kind = KINDS[module.target_name]
-        w = as_rows(module.weight.detach(), kind)  # [out, in, ...]: scales are per output feature
+        w = as_rows(full(module.weight.detach()), kind)  # [out, in, ...]: scales are per output feature
         s = wq.step_scale(w)  # [rows, groups, 1]
         g = grouped(w, wq.granularity, wq.group_size)
         if wq.method == "ternary":
@@ -60,12 +65,12 @@ def export_int(model: nn.Module) -> dict[str, dict[str, Any]]:
                 q, s = 2 * q + 1, s / 2
         mask = getattr(module, "weight_mask", None)
         if mask is not None:
-            q = q * grouped(as_rows(mask, kind), wq.granularity, wq.group_size)
+            q = q * grouped(as_rows(full(mask), kind), wq.granularity, wq.group_size)
         dtype = torch.int8 if q.abs().max() <= 127 else torch.int16
         out[name] = {"weight": from_rows(q.reshape(w.shape), kind).to(dtype), "scale": s.clone(), "bits": wq.bits,
                      "method": wq.method, "granularity": wq.granularity, "group_size": wq.group_size,
                      "out_axis": kind.out_axis,
-                     "bias": None if getattr(module, "bias", None) is None else module.bias.detach().clone()}
+                     "bias": None if getattr(module, "bias", None) is None else full(module.bias.detach()).clone()}
     return out
 
 
@@ -94,6 +99,11 @@ def to_int8_cpu_(model: nn.Module) -> nn.Module:
     ``nn.Linear`` first: torch's int8 kernel takes ``[out, in]`` weights."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
+    sharded = [n for n, m in quant_modules(model).items() if is_sharded(m.weight)]
+    if sharded:
+        raise ValueError(f"to_int8_cpu_ needs whole weights; {sharded[:3]} are FSDP2 shards. Call export_int(model) on "
+                         "every rank (it gathers layer by layer), or load a full state dict into an unsharded model "
+                         "prepared by the same QuantizationAwareTraining settings.")
     for name, module in unprepare_(model, fold=True).items():
         kind = layer_kind(module)[0]
         if kind.out_axis != 0 and module.weight.dim() == 2:

@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ..distributed import full, local, row_offset
 from ..layers import KINDS, LayerKind, as_rows, from_rows, layer_kind
 
 __all__ = ["QUANT_CLASSES", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantLinear", "prepare_", "quant_modules",
@@ -44,11 +45,15 @@ class _Quant:
     target_name: str
 
     def quantized_rows(self) -> Tensor:
-        """The fake-quantized (and masked) weight as rows ``[out, in, ...]``."""
+        """The fake-quantized (and masked) weight as rows ``[out, in, ...]``.
+
+        Inside an FSDP2 forward the weight is already whole; outside it (exports, folds) a
+        sharded weight is all-gathered here, a collective every rank must join.
+        """
         kind = KINDS[self.target_name]
-        w = self.weight_quantizer(as_rows(self.weight, kind))
-        mask = getattr(self, "weight_mask", None)
-        return w * as_rows(mask, kind) if mask is not None else w
+        w = self.weight_quantizer(as_rows(full(self.weight), kind))
+        mask = getattr(self, "weight_mask", None)  # a Shard(0) buffer under FSDP2: gathered like the weight
+        return w * as_rows(full(mask), kind) if mask is not None else w
 
     def quantized_weight(self) -> Tensor:
         """The fake-quantized (and masked) weight in the layer's own layout."""
@@ -63,15 +68,44 @@ class _Quant:
 
 _QUANT: dict[type, type] = {}
 
+try:  # torch >= 2.6; older releases keep FSDP2 under _composable
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # pragma: no cover
+    try:
+        from torch.distributed._composable.fsdp import FSDPModule
+    except ImportError:
+        FSDPModule = None
+
+
+def _fsdp_original(cls: type) -> type | None:
+    """The class FSDP2's ``fully_shard`` wrapped when ``cls`` is its ``FSDP<Name>`` (or a subclass
+    of one, e.g. ours); None for any other class."""
+    if FSDPModule is None or not issubclass(cls, FSDPModule) or cls is FSDPModule:
+        return None
+    return cls.__mro__[cls._orig_cls_mro_index]
+
+
+def swappable_kind(module: nn.Module) -> tuple[LayerKind, bool] | None:
+    """``layer_kind(module)``, seeing through FSDP2's wrapper class: ``fully_shard`` turns a
+    ``Linear`` into an ``FSDPLinear`` (FSDPModule, Linear) that adds hooks and methods but no
+    forward, so it is swapped like the ``Linear`` it wraps (the swap subclasses the
+    ``FSDPLinear``, which keeps its behaviour)."""
+    found = layer_kind(module)
+    original = _fsdp_original(type(module))
+    if found is None or found[1] or original is None:
+        return found
+    return found[0], layer_kind(object.__new__(original))[1]  # layer_kind reads only the type
+
 
 def quant_class(plain: type, kind: LayerKind) -> type:
     """The fake-quant subclass of ``plain`` (created once, named ``Quant<Name>`` in this module)."""
     cls = _QUANT.get(plain)
     if cls is None:
-        cls = type(f"Quant{plain.__name__}", (plain, _Quant), {
-            "target_name": kind.name, "forward": _Quant.forward, "__module__": __name__,
-            "__doc__": f"{plain.__name__} with a fake-quantized weight and input (see ``prepare_``).",
-        })
+        body = {"target_name": kind.name, "forward": _Quant.forward, "__module__": __name__,
+                "__doc__": f"{plain.__name__} with a fake-quantized weight and input (see ``prepare_``)."}
+        if _fsdp_original(plain) is not None:  # FSDPModule.__new__ finds the original class by MRO index
+            body["_orig_cls_mro_index"] = plain._orig_cls_mro_index + 1
+        cls = type(f"Quant{plain.__name__}", (plain, _Quant), body)
         globals().setdefault(cls.__name__, cls)  # picklable by name in this process
         _QUANT[plain] = cls
     return cls
@@ -101,7 +135,7 @@ def prepare_(
         if isinstance(module, _Quant):
             by_weight.setdefault(id(module.weight), module.weight_quantizer)
             continue
-        found = layer_kind(module)
+        found = swappable_kind(module)
         if found is None or not found[1] or found[0].forward is None:
             what = "no known layer kind" if found is None else (
                 f"a subclass keeps its own forward (a {found[0].name} swap would replace it)" if not found[1] else "no fake-quant forward")
@@ -127,14 +161,15 @@ def quant_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 @torch.no_grad()
 def unprepare_(model: nn.Module, fold: bool = False) -> dict[str, nn.Module]:
-    """Restore the plain classes; with ``fold`` the latent weights become the quantized ones."""
+    """Restore the plain classes (FSDP2's ``FSDP<Name>`` for a sharded layer); with ``fold`` the
+    latent weights become the quantized ones (sharded weights: a collective, every rank calls)."""
     layers = quant_modules(model)
     if not layers:
         raise ValueError("the model has no fake-quant layers: prepare it (attach QuantizationAwareTraining) first.")
     if fold:  # all weights first: a tied weight must be quantized from its latent values once
         folded = {id(m.weight): (m.weight, m.quantized_weight().detach().clone()) for m in layers.values()}
-        for weight, value in folded.values():
-            weight.copy_(value)
+        for weight, value in folded.values():  # an FSDP2 shard keeps its own rows of the whole value
+            local(weight).copy_(value.narrow(0, row_offset(weight), local(weight).shape[0]))
     for module in layers.values():
         module.__class__ = type(module).__bases__[0]
         del module.weight_quantizer

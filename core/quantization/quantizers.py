@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..distributed import local
 from .functional import binarize, grad_scale, grouped, lsq_quantize, qrange, round_ste, straight_through, ternarize
 
 __all__ = ["ActivationQuantizer", "WeightQuantizer", "WEIGHT_METHODS", "ACTIVATION_METHODS"]
@@ -48,7 +49,7 @@ def _untouched(module: nn.Module, x: Tensor) -> Tensor:
     quantization starts, DDP must still see every parameter take part in the loss."""
     params = list(module.parameters(recurse=False))
     if params and torch.is_grad_enabled():
-        return x + sum(p.sum() for p in params) * 0.0
+        return x + sum(local(p).sum() for p in params) * 0.0
     return x
 
 
@@ -108,7 +109,7 @@ class WeightQuantizer(nn.Module):
         """The current scale, shaped [rows, groups, 1] (for "stat": the step s / n)."""
         g = grouped(w.detach(), self.granularity, self.group_size)
         if self.method == "lsq":
-            return self.scale.detach().abs().clamp_min(_EPS)
+            return local(self.scale).detach().abs().clamp_min(_EPS)
         if self.method == "minmax":
             return g.abs().amax(-1, keepdim=True).clamp_min(_EPS) / self.qmax
         if self.method == "stat":
@@ -137,7 +138,7 @@ class WeightQuantizer(nn.Module):
         if not self._ready:
             self._start(w, g)
         if self.method == "lsq":
-            s = self.scale.abs().clamp_min(_EPS)
+            s = local(self.scale).abs().clamp_min(_EPS)
             if not self.track:
                 return lsq_quantize(g, s, self.qmin, self.qmax, 1.0 / math.sqrt(g.shape[-1] * self.qmax)).reshape(w.shape)
             s = grad_scale(s, 1.0 / math.sqrt(g.shape[-1] * self.qmax))
@@ -158,7 +159,7 @@ class WeightQuantizer(nn.Module):
         """First quantized forward: LSQ's initial scale, the tracker's first levels."""
         if not self.initialized:
             if self.method == "lsq":
-                self.scale.copy_(2 * g.abs().mean(-1, keepdim=True) / math.sqrt(self.qmax))
+                local(self.scale).copy_(2 * g.abs().mean(-1, keepdim=True) / math.sqrt(self.qmax))
             if self.track:
                 self.level.copy_(self.levels(w))
             self.initialized.fill_(True)
@@ -228,15 +229,16 @@ class ActivationQuantizer(nn.Module):
         signed = _all_reduce_((x.min() < 0).float(), "max") > 0
         self.signed.copy_(signed)
         qmin, qmax = qrange(self.bits, bool(signed))
+        scale = local(self.scale)
         if self.method == "lsq":
-            self.scale.copy_(_all_reduce_(2 * x.abs().mean() / math.sqrt(qmax)))
+            scale.copy_(_all_reduce_(2 * x.abs().mean() / math.sqrt(qmax)))
         elif self.method == "pact":
-            self.scale.copy_(_all_reduce_(x.abs().amax(), "max"))
+            scale.copy_(_all_reduce_(x.abs().amax(), "max"))
         else:  # lsq+: asymmetric over the observed range
             lo, hi = _all_reduce_(x.min()), _all_reduce_(x.max())
             s = ((hi - lo) / (2**self.bits - 1)).clamp_min(_EPS)
-            self.scale.copy_(s)
-            self.zero_point.copy_(-lo / s)
+            scale.copy_(s)
+            local(self.zero_point).copy_(-lo / s)
         self.initialized.fill_(True)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -256,18 +258,19 @@ class ActivationQuantizer(nn.Module):
                 self._init(x)
             self._signed = bool(self.signed)
         qmin, qmax = qrange(self.bits, self._signed)
+        scale = local(self.scale)  # a replicated DTensor under FSDP2 (see .sharded)
         if self.method == "pact":
-            alpha = self.scale
+            alpha = scale
             y = torch.minimum(torch.maximum(x, -alpha if self._signed else torch.zeros_like(alpha)), alpha)
             s = alpha.detach().clamp_min(_EPS) / qmax
             return round_ste(y / s) * s
         g = 1.0 / math.sqrt(max(x[0].numel(), 1) * qmax)
         if self.method == "lsq+":
-            s = grad_scale(self.scale, g).abs().clamp_min(_EPS)
+            s = grad_scale(scale, g).abs().clamp_min(_EPS)
             qmin, qmax = 0, 2**self.bits - 1
-            z = round_ste(grad_scale(self.zero_point, g))
+            z = round_ste(grad_scale(local(self.zero_point), g))
             return (round_ste(torch.clamp(x / s + z, qmin, qmax)) - z) * s
-        return lsq_quantize(x, self.scale.abs().clamp_min(_EPS), qmin, qmax, g)
+        return lsq_quantize(x, scale.abs().clamp_min(_EPS), qmin, qmax, g)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super()._load_from_state_dict(*args, **kwargs)

@@ -246,3 +246,53 @@ def test_convert_or_export_before_prepare_raises():
         export_int(model)
     with pytest.raises(ValueError, match="no fake-quant layers"):
         unprepare_(model)
+
+
+def _fsdp_wrapped(module):
+    """``module`` with the class FSDP2's fully_shard gives it (FSDP<Name>(FSDPModule, Name)), no
+    process group needed: the class is all the swap looks at."""
+    from torch.distributed.fsdp import FSDPModule
+
+    module.__class__ = type(f"FSDP{type(module).__name__}", (FSDPModule, type(module)), {})
+    return module
+
+
+def test_fsdp2_wrapped_layers_are_swapped_keeping_fsdps_class_and_unprepare_restores_it():
+    from torch.distributed.fsdp import FSDPModule
+
+    from lichtenberg.core.layers import layer_kind
+    from lichtenberg.core.quantization.modules import swappable_kind
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_fsdp_wrapped(nn.Linear(8, 15)), _fsdp_wrapped(nn.Conv1d(3, 5, 3)))
+    wrapped = [type(m) for m in model]
+    assert layer_kind(model[0]) == (layer_kind(nn.Linear(1, 1))[0], False)  # Linear at MRO index 2
+    assert swappable_kind(model[0])[1] and swappable_kind(model[1])[1]
+    ref = nn.Linear(8, 15)
+    ref.load_state_dict(model[0].state_dict())
+    skipped = prepare_({"0": model[0], "1": model[1]}, lambda m, k: WeightQuantizer(m.weight.shape, 8, "minmax"),
+                       lambda m: None)
+    assert skipped == {}
+    for module, cls in zip(model, wrapped):
+        assert isinstance(module, FSDPModule) and isinstance(module, cls) and type(module).__name__ == f"Quant{cls.__name__}"
+        assert type(module).__mro__[type(module)._orig_cls_mro_index] is cls.__mro__[2]  # FSDPModule.__new__'s rule
+        assert layer_kind(module)[0].name == cls.__mro__[2].__name__
+    x = torch.randn(4, 8)
+    model[0].weight_quantizer.enabled = True
+    quantized = _enabled(WeightQuantizer(ref.weight.shape, 8, "minmax"))(ref.weight)
+    torch.testing.assert_close(model[0](x), nn.functional.linear(x, quantized, ref.bias))
+    unprepare_(model)
+    assert [type(m) for m in model] == wrapped
+
+
+def test_a_user_subclass_under_fsdp2_is_still_reported_not_swapped():
+    from lichtenberg.core.quantization.modules import swappable_kind
+
+    class Mine(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    layer = _fsdp_wrapped(Mine(4, 4))
+    assert swappable_kind(layer)[1] is False
+    skipped = prepare_({"m": layer}, lambda m, k: WeightQuantizer(m.weight.shape, 8, "minmax"), lambda m: None)
+    assert "own forward" in skipped["m"] and type(layer).__name__ == "FSDPMine"
