@@ -14,6 +14,11 @@
   closure). Where clipping reads the gradients they are masked before it too, so the clip
   norm counts kept weights only. Optimizers outside ``_ZERO_PRESERVING`` also re-mask the
   weights after their step.
+
+Sharded runs (FSDP2, ModelParallelStrategy): targets are DTensor shards (``Shard(0)``, checked
+at binding); masks and all per-weight state are DTensors of the same layout held as module
+buffers, so torch.distributed.checkpoint saves and restores them with the model (Lightning
+saves callback state from rank 0 alone). Every per-step operation is shard-local.
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from ..core.distributed import check_layout, full, is_sharded
 from ..core.sparsity import MaskEngine
+from ..core.sparsity.engine import laid_out_like
 from ..core.targets import Selection, Targets, select_targets
 from ._base import _Base, after_configure_model, overrides
-from ._strategy import refuse_sharded
+from ._strategy import check_strategy
 
 __all__: list[str] = []
 
@@ -57,6 +64,7 @@ class _Sparsity(_Base):
         self._updated_at = -1  # one update per step even with several optimizers
         self._start = 0  # gradients are masked from this optimizer step on
         self._mask_before_clip = False
+        self._sharded = False  # FSDP2: per-weight state lives in module buffers (see _weight_buffers)
 
     # -- subclass hooks ----------------------------------------------------------------------
     def _check(self, selection: Selection) -> None:
@@ -87,7 +95,7 @@ class _Sparsity(_Base):
         return all(own.get(n) is p for n, p in self.engine.params.items())
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        refuse_sharded(self, trainer)
+        check_strategy(self, trainer)
         if stage != "fit" and self._bound_to(pl_module):
             return  # e.g. trainer.test right after fit
         if stage == "fit":
@@ -97,6 +105,9 @@ class _Sparsity(_Base):
 
     def _bind(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         selection = select_targets(pl_module, self.targets)
+        for target, param in selection.params.items():
+            check_layout(target, param)
+        self._sharded = any(is_sharded(p) for p in selection.params.values())
         self._check(selection)
         name = type(self).__name__
         mine = {id(p): n for n, p in selection.params.items()}
@@ -117,6 +128,34 @@ class _Sparsity(_Base):
         pl_module._ddp_params_and_buffers_to_ignore = sorted(ignored | set(self.engine.buffer_names))
         if stage == "fit":
             self._init_masks(trainer)
+
+    def _weight_buffers(self, suffix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Register per-weight state as ``<leaf>_<suffix>`` buffers beside each target (FSDP2):
+        DCP saves and restores them sharded, where callback state would hold rank 0's shard."""
+        assert self.engine is not None
+        for name, tensor in tensors.items():
+            owner, _, leaf = name.rpartition(".")
+            module = self.engine.model.get_submodule(owner)
+            module._buffers.pop(f"{leaf}_{suffix}", None)
+            module.register_buffer(f"{leaf}_{suffix}", tensor)
+        return dict(tensors)
+
+    def _read_buffers(self, suffix: str) -> dict[str, torch.Tensor]:
+        """The ``<leaf>_<suffix>`` buffers of the targets that have one (after a device move or restore)."""
+        assert self.engine is not None
+        found = {}
+        for name in self.engine.params:
+            owner, _, leaf = name.rpartition(".")
+            buffer = self.engine.model.get_submodule(owner)._buffers.get(f"{leaf}_{suffix}")
+            if buffer is not None:
+                found[name] = buffer
+        return found
+
+    def _drop_buffers(self, suffix: str) -> None:
+        assert self.engine is not None
+        for name in self.engine.params:
+            owner, _, leaf = name.rpartition(".")
+            self.engine.model.get_submodule(owner)._buffers.pop(f"{leaf}_{suffix}", None)
 
     # -- fit -------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -178,3 +217,34 @@ class _Sparsity(_Base):
         for name, value in per_layer.items():
             pl_module.log(f"{prefix}/sparsity/{name}", value, on_step=True, on_epoch=False)
         return per_layer, total
+
+
+def gathered(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn`` on whole tensors, its tensor results laid out like the first DTensor argument's
+    layer (dicts by name). A fallback for selection functions without DTensor support: it
+    all-gathers, so only at events, never per step."""
+    refs: dict[Any, torch.Tensor] = {}
+
+    def whole(value: Any, key: Any = None) -> Any:
+        if isinstance(value, dict):
+            return {k: whole(v, k) for k, v in value.items()}
+        if isinstance(value, torch.Tensor) and is_sharded(value):
+            refs.setdefault(key, value)
+            return full(value)
+        return value
+
+    args = tuple(whole(a) for a in args)
+    kwargs = {k: whole(v) for k, v in kwargs.items()}
+    out = fn(*args, **kwargs)
+
+    def shard(value: Any, key: Any = None) -> Any:
+        if isinstance(value, dict):
+            return {k: shard(v, k) for k, v in value.items()}
+        if isinstance(value, tuple):
+            return tuple(shard(v, key) for v in value)
+        ref = refs.get(key)
+        if isinstance(value, torch.Tensor) and ref is not None and value.shape == ref.shape:
+            return laid_out_like(ref, value)
+        return value
+
+    return shard(out)

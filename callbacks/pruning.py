@@ -5,6 +5,10 @@ are in every checkpoint, identical on every rank (computed from synchronised wei
 and gradients), and excluded from DDP's per-step buffer broadcast. With ``make_permanent``
 checkpoints hold plain weights instead (masks travel in this callback's state), so every
 checkpoint of the run, ``last.ckpt`` included, loads into the plain module.
+
+Under FSDP2 masks and rewind points are DTensor buffers saved by the distributed checkpoint
+(with ``make_permanent`` too: its checkpoints keep the mask buffers, the module is plain at
+the end of fit); SR-STE is refused there (its dense latent weights live in callback state).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ..core.checks import check_bool, check_choice, check_real
+from ..core.distributed import local
 from ..core.layers import as_rows
 from ..core.schedules import SparsitySchedule
 from ..core.sparsity import (
@@ -32,7 +37,7 @@ from ..core.sparsity import (
 )
 from ..core.targets import Selection, Targets
 from ._base import run_length
-from ._sparsity import _Sparsity
+from ._sparsity import _Sparsity, gathered
 from ._summary import format_table
 
 __all__ = ["GradualPruning"]
@@ -153,10 +158,16 @@ class GradualPruning(_Sparsity):
     def _init_masks(self, trainer: pl.Trainer) -> None:
         if self.rewind:
             self._initial = {n: p.detach().clone() for n, p in self.engine.params.items()}
+            if self._sharded:  # DTensor shards: DCP restores them, callback state would hold rank 0's
+                self._weight_buffers("rewind", self._initial)
 
     def _bind(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super()._bind(trainer, pl_module, stage)
-        if self.make_permanent:  # checkpoints of this run hold no masks: a resume takes them from our state
+        if self._sharded and self.sr_ste:
+            raise ValueError(f"sr_ste={self.sr_ste} is not supported under FSDP2 (ModelParallelStrategy): SR-STE's "
+                             "dense latent weights live in callback state, which rank 0 saves alone. Use sr_ste=0 "
+                             "(N:M pruning on the schedule) or strategy='ddp'.")
+        if self.make_permanent and not self._sharded:  # checkpoints of this run hold no masks: a resume takes them from our state
             self._load_hook = pl_module.register_load_state_dict_pre_hook(self._keep_masks_missing_from)
 
     def _keep_masks_missing_from(self, module: torch.nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
@@ -184,6 +195,8 @@ class GradualPruning(_Sparsity):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._dense_latent = bool(self.sr_ste)  # SR-STE re-masks after the step itself
         super().on_fit_start(trainer, pl_module)
+        if self._sharded and self.rewind:  # the device move or a restore replaced the buffers
+            self._initial = self._read_buffers("rewind")
         if self.sr_ste:
             if len(trainer.optimizers) != 1:
                 raise ValueError(f"sr_ste needs exactly one optimizer, got {len(trainer.optimizers)}: use sr_ste=0.")
@@ -215,7 +228,7 @@ class GradualPruning(_Sparsity):
             self._norms.__exit__()
             norms = {n: trainer.strategy.reduce(v, reduce_op="sum") for n, v in self._norms.norms().items()}
             self._norms = None
-            scores = {n: wanda_score(engine.rows(n, p), norms[n], getattr(self._modules[n], "groups", 1))
+            scores = {n: gathered(wanda_score, engine.rows(n, p), norms[n], getattr(self._modules[n], "groups", 1))
                       if n in norms else magnitude_score(engine.rows(n, p)) for n, p in params.items()}
         elif self.score == "gradient":
             scores = {n: engine.rows(n, gradient_score(p)) for n, p in params.items()}
@@ -226,13 +239,13 @@ class GradualPruning(_Sparsity):
         if self._layer_final is not None:  # explicit per-layer targets follow the schedule's progress
             progress = self.schedule.value(step, 1.0, self._start, self._end)
             layer_targets = {n: progress * final for n, final in self._layer_final.items()}
-            new = prune_masks(scores, masks, layer_targets, nm=self.nm)
+            new = gathered(prune_masks, scores, masks, layer_targets, nm=self.nm)
         else:
-            new = prune_masks(scores, masks, target, self.allocation, self.nm)
+            new = gathered(prune_masks, scores, masks, target, self.allocation, self.nm)
         changed = engine.set_masks_({n: engine.from_rows(n, m) for n, m in new.items()}, trainer.optimizers)
         if self.rewind and self._initial:
-            for name, param in params.items():
-                param.copy_(self._initial[name] * engine.masks[name])
+            for name, param in params.items():  # shard-local (the rewind point is laid out like the weight)
+                local(param.detach()).copy_(local(self._initial[name]) * local(engine.masks[name]))
         self._events += 1
         self._log_density(pl_module, "pruning")
         pl_module.log("pruning/target", target, on_step=True, on_epoch=False)
@@ -249,6 +262,7 @@ class GradualPruning(_Sparsity):
         if self.make_permanent:
             ignore = set(engine.buffer_names)
             nonzeros = engine.squash_()
+            self._drop_buffers("rewind")
             pl_module._ddp_params_and_buffers_to_ignore = [
                 n for n in getattr(pl_module, "_ddp_params_and_buffers_to_ignore", []) if n not in ignore
             ]
@@ -262,7 +276,8 @@ class GradualPruning(_Sparsity):
             self._load_hook = None
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        if self.make_permanent and self.engine is not None:  # the masks are in our state instead
+        # the masks are in our state instead (under FSDP2 they stay in the sharded checkpoint)
+        if self.make_permanent and self.engine is not None and not self._sharded:
             for key in self.engine.buffer_names:
                 checkpoint["state_dict"].pop(key, None)
 
@@ -270,14 +285,16 @@ class GradualPruning(_Sparsity):
         # Masks travel as model buffers (as our state with make_permanent); only the rewind
         # point, the event count and SR-STE's latent weights live here.
         latent = self._srste.state_dict() if self._srste is not None else self._srste_state
-        state = {"events": self._events, "initial": dict(self._initial), "sr_ste_latent": latent}
-        if self.make_permanent and self.engine is not None:
+        initial = {} if self._sharded else dict(self._initial)  # FSDP2: in `<leaf>_rewind` buffers
+        state = {"events": self._events, "initial": initial, "sr_ste_latent": latent}
+        if self.make_permanent and self.engine is not None and not self._sharded:
             state["masks"] = {n: m.clone() for n, m in self.engine.masks.items()}
         return state
 
     def _load_state(self, state_dict: dict[str, Any]) -> None:
         self._events = int(state_dict["events"])
-        self._initial = dict(state_dict["initial"])
+        if not self._sharded:
+            self._initial = dict(state_dict["initial"])
         self._srste_state = dict(state_dict.get("sr_ste_latent", {}))
         if state_dict.get("masks") and self.engine is not None:
             for name, mask in state_dict["masks"].items():

@@ -5,6 +5,10 @@ none yet (a model that already carries masks keeps them), from a generator seede
 identically on every rank; updates read the dense gradients in ``on_before_optimizer_step``
 (after accumulation and DDP's all-reduce, before they are masked) and only on update steps.
 Non-finite gradients never become growth scores.
+
+Under FSDP2 the masks and the ever-active record are DTensor buffers (``<leaf>_mask``,
+``<leaf>_ever``) saved by the distributed checkpoint; random draws are whole tensors every
+rank draws alike and keeps its rows of; RigL reads its reduce-scattered gradient shard.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ..core.checks import check_choice, check_int, check_real
+from ..core.distributed import local
 from ..core.schedules import SparsitySchedule
 from ..core.sparsity import (
     cosine_drop_fraction,
@@ -28,9 +33,10 @@ from ..core.sparsity import (
     random_masks,
     srigl_update,
 )
+from ..core.sparsity.engine import global_sums, laid_out_like
 from ..core.targets import Targets
 from ._base import never_acts, run_length
-from ._sparsity import _Sparsity
+from ._sparsity import _Sparsity, gathered
 from ._summary import format_table
 
 __all__ = ["DynamicSparseTraining"]
@@ -141,11 +147,13 @@ class DynamicSparseTraining(_Sparsity):
             masks = draw(shapes, densities, self._generator)
             # a model that already carries sparse masks (a second fit, a sparse checkpoint) keeps them;
             # all-ones masks (new, or attached by a validate before this fit) are drawn
-            dense = [n for n, m in engine.masks.items() if bool(m.all())]
-            engine.set_masks_({n: engine.from_rows(n, masks[n].to(rows[n].device)) for n in dense})
+            dense = [n for n, k in engine.kept().items() if k == engine.masks[n].numel()]
+            engine.set_masks_({n: engine.from_rows(n, masks[n]) for n in dense})  # each rank keeps its rows
         self._ever = {n: m.clone() for n, m in engine.masks.items()}
-        self._alive = {n: torch.ones(r.shape[0], dtype=torch.bool, device=r.device) for n, r in rows.items()}
-        density = {n: f"{float(m.float().mean()):.3f}" for n, m in engine.masks.items()}
+        if self._sharded:  # DTensor shards: DCP restores them, callback state would hold rank 0's
+            self._weight_buffers("ever", self._ever)
+        self._alive = {n: torch.ones(r.shape[0], dtype=torch.bool, device=local(r).device) for n, r in rows.items()}
+        density = {n: f"{k / engine.masks[n].numel():.3f}" for n, k in engine.kept().items()}
         rank_zero_info(f"DynamicSparseTraining: {self.method}, initial densities {density}.")
 
     def _resolve(self, trainer: pl.Trainer) -> None:
@@ -163,7 +171,9 @@ class DynamicSparseTraining(_Sparsity):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        device = next(iter(self.engine.params.values())).device
+        device = local(next(iter(self.engine.params.values()))).device
+        if self._sharded:  # the device move or a restore replaced the buffers
+            self._ever = self._read_buffers("ever")
         self._ever = {n: t.to(device) for n, t in self._ever.items()}
         self._alive = {n: t.to(device) for n, t in self._alive.items()}
 
@@ -184,27 +194,28 @@ class DynamicSparseTraining(_Sparsity):
         new = dict(masks)
         if self.method == "granet":
             target = self.schedule.value(step, self.sparsity, self._first, self._end)
-            new = prune_masks({n: magnitude_score(p) for n, p in params.items()}, masks, target, "global")
+            new = gathered(prune_masks, {n: magnitude_score(p) for n, p in params.items()}, masks, target, "global")
+        kept = dict(zip(new, global_sums(list(new.values()))))  # one all-reduce for all layers
         for name, param in params.items():
             grad = param.grad if param.grad is not None else torch.zeros_like(param)
             if self.method == "srigl":  # constant fan-in: along the inputs of [out, in, ...] rows
-                mask, self._alive[name] = srigl_update(engine.rows(name, param), engine.rows(name, grad),
+                mask, self._alive[name] = gathered(srigl_update, engine.rows(name, param), engine.rows(name, grad),
                                                        engine.rows(name, masks[name]), self._alive[name], fraction,
                                                        self.gamma)
                 new[name] = engine.from_rows(name, mask)
                 continue
-            n = round(fraction * int(new[name].sum()))
+            n = round(fraction * kept[name])
             if n == 0:
                 continue
-            if self.method == "set":
-                scores = torch.rand(param.shape, generator=self._generator).to(param.device)
+            if self.method == "set":  # the whole draw on every rank (identical), each keeps its rows
+                scores = laid_out_like(param, torch.rand(param.shape, generator=self._generator))
             else:
                 scores = growth_scores(grad)
-            new[name] = drop_and_grow(param, new[name], n, scores)
-        active = sum(int(m.sum()) for m in masks.values())
+            new[name] = gathered(drop_and_grow, param, new[name], n, scores)
+        active = sum(engine.kept().values())
         changed = engine.set_masks_(new, trainer.optimizers)
         for name, mask in masks.items():
-            self._ever[name] |= mask
+            local(self._ever[name]).logical_or_(local(mask))
         self._updates += 1
         self._churn = sum(changed.values()) / 2 / max(active, 1)  # replaced share of the active weights
         self._log_density(pl_module, "dst")
@@ -218,7 +229,7 @@ class DynamicSparseTraining(_Sparsity):
     def itop(self) -> float:
         """In-time over-parameterisation: the fraction of target weights ever active."""
         total = sum(t.numel() for t in self._ever.values())
-        return sum(int(t.sum()) for t in self._ever.values()) / max(total, 1)
+        return sum(global_sums(list(self._ever.values()))) / max(total, 1)
 
     @property
     def ablated(self) -> int:
@@ -247,11 +258,13 @@ class DynamicSparseTraining(_Sparsity):
             "generator": self._generator.get_state(),
             "updates": self._updates,
             "churn": self._churn,
-            "ever": dict(self._ever),
+            "ever": {} if self._sharded else dict(self._ever),  # FSDP2: in `<leaf>_ever` buffers
             "alive": dict(self._alive),
         }
 
     def _load_state(self, state_dict: dict[str, Any]) -> None:
         self._generator.set_state(state_dict["generator"])
         self._updates, self._churn = int(state_dict["updates"]), float(state_dict["churn"])
-        self._ever, self._alive = dict(state_dict["ever"]), dict(state_dict["alive"])
+        self._alive = dict(state_dict["alive"])
+        if not self._sharded:
+            self._ever = dict(state_dict["ever"])

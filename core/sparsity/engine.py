@@ -14,6 +14,11 @@ place; there is no forward-time reparametrisation and no inference overhead:
   Adam moments, ...) is zeroed in the changed slots, and regrown weights start at zero (a
   non-finite gradient they still hold from their pruned past is dropped).
 
+Sharded runs (FSDP2): parameters are DTensor shards (``Shard(0)``) and every mask is a
+DTensor of the same layout (``ones_like`` of the parameter), which torch.distributed.checkpoint
+saves sharded. Every operation here works on the local shards (``core.distributed.local``) with
+no communication, except the counts an event reports (one all-reduce, one host sync per call).
+
 Example:
     >>> engine = MaskEngine.attach_(model, {"fc.weight": model.fc.weight})   # or from a Selection
     >>> engine.set_masks_({"fc.weight": topk_mask(model.fc.weight.abs(), k)}, [optimizer])
@@ -28,17 +33,51 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from ..distributed import all_reduce_, group_of, is_sharded, local, row_offset
+from ..distributed import like as _like
 from ..layers import LayerKind, as_rows, from_rows
 
-__all__ = ["MaskEngine", "mask_name", "masked_bits_"]
+__all__ = ["MaskEngine", "global_sums", "laid_out_like", "mask_name", "masked_bits_"]
 
 _BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
 def masked_bits_(tensors: list[Tensor], masks: list[Tensor]) -> None:
-    """Zero ``tensors`` where the bool ``masks`` are False, in place and NaN-safe (one foreach call)."""
+    """Zero ``tensors`` where the bool ``masks`` are False, in place and NaN-safe (one foreach call).
+
+    DTensors are worked on shard-local (a mask is laid out like its tensor): viewing a DTensor's
+    bits as integers is not a DTensor op, and the local shards need no communication.
+    """
     if tensors:
-        torch._foreach_mul_([t.view(_BITS[t.dtype]) for t in tensors], [m.view(torch.uint8) for m in masks])
+        torch._foreach_mul_([local(t).view(_BITS[t.dtype]) for t in tensors],
+                            [local(m).view(torch.uint8) for m in masks])
+
+
+def global_sums(tensors: list[Tensor]) -> list[int]:
+    """Sum of each tensor over all its shards: one all-reduce and one host sync for the list
+    (for events and reports, never per step). Whole tensors are summed locally: every rank
+    holds all of them."""
+    if not tensors:
+        return []
+    sums = torch.stack([local(t).sum(dtype=torch.int64) for t in tensors])
+    sharded = [i for i, t in enumerate(tensors) if is_sharded(t)]
+    if sharded:
+        part = all_reduce_(sums[sharded].contiguous(), group_of(tensors[sharded[0]]))
+        sums[sharded] = part
+    return sums.tolist()
+
+
+def laid_out_like(reference: Tensor, tensor: Tensor) -> Tensor:
+    """``tensor`` laid out like ``reference``: itself when it already is (a DTensor, or both
+    whole), else this rank's rows of the whole ``tensor`` as a DTensor like ``reference``
+    (slicing, no communication: e.g. random masks every rank draws alike)."""
+    if is_sharded(tensor) or not is_sharded(reference):
+        return tensor
+    if tensor.shape != reference.shape:
+        raise ValueError(f"a whole tensor of shape {tuple(tensor.shape)} cannot be laid out like a parameter of "
+                         f"shape {tuple(reference.shape)}: give it the parameter's shape.")
+    start, rows = row_offset(reference), local(reference).shape[0]
+    return _like(reference, tensor[start:start + rows].to(local(reference).device))
 
 
 def mask_name(param_name: str) -> str:
@@ -121,7 +160,7 @@ class MaskEngine:
 
     @torch.no_grad()
     def apply_(self) -> None:
-        """Zero the pruned weights."""
+        """Zero the pruned weights (shard-local)."""
         masked_bits_([p.detach() for p in self.params.values()], list(self.masks.values()))
 
     @torch.no_grad()
@@ -132,29 +171,42 @@ class MaskEngine:
 
     @torch.no_grad()
     def set_masks_(self, new: dict[str, Tensor], optimizers: Iterable[torch.optim.Optimizer] = ()) -> dict[str, int]:
-        """Install new masks; reset optimizer state where they changed; returns changed counts."""
-        changed_counts = {}
+        """Install new masks; reset optimizer state where they changed; returns changed counts.
+
+        Masks may be DTensors laid out like their parameters, or whole tensors (every rank then
+        takes its rows). All the work is shard-local; the counts cost one all-reduce per call.
+        """
+        changed_local = []
         states = [opt.state for opt in optimizers]
         for name, mask in new.items():
-            old = self.masks[name]
-            changed = old ^ mask
-            changed_counts[name] = int(changed.sum())
             param = self.params[name]
+            old = local(self.masks[name])
+            mask = local(laid_out_like(param, mask)).to(old.device)
+            changed = old ^ mask
+            changed_local.append(changed)
+            weight = local(param.detach())
             grown = mask & ~old
-            param.masked_fill_(grown, 0.0)  # regrown weights start at zero
+            weight.masked_fill_(grown, 0.0)  # regrown weights start at zero
             if param.grad is not None:  # ... and take no non-finite gradient from their pruned past
-                param.grad.masked_fill_(grown & ~param.grad.isfinite(), 0.0)
-            for state in states:
+                grad = local(param.grad)
+                grad.masked_fill_(grown & ~grad.isfinite(), 0.0)
+            for state in states:  # optimizer state is laid out like the parameter (DTensors under FSDP2)
                 for value in state.get(param, {}).values():
-                    if isinstance(value, Tensor) and value.shape == param.shape:
-                        value.masked_fill_(changed, 0)
+                    if isinstance(value, Tensor) and value.shape == param.shape and local(value).shape == weight.shape:
+                        local(value).masked_fill_(changed, 0)
             old.copy_(mask)
         self.apply_()
-        return changed_counts
+        # whole-tensor counts on sharded params: sum the shards (one all-reduce for all layers)
+        counts = global_sums([_like(self.params[n], c) for n, c in zip(new, changed_local)])
+        return dict(zip(new, counts))
+
+    def kept(self) -> dict[str, int]:
+        """Kept weights per layer, over all shards (one all-reduce, one host sync)."""
+        return dict(zip(self.masks, global_sums(list(self.masks.values()))))
 
     def sparsity_report(self) -> tuple[dict[str, float], float]:
-        """Per-layer and global sparsity of the masks."""
-        kept = {n: int(m.sum()) for n, m in self.masks.items()}
+        """Per-layer and global sparsity of the masks (``numel`` of a DTensor is the whole tensor's)."""
+        kept = self.kept()
         total = sum(m.numel() for m in self.masks.values())
         per_layer = {n: 1.0 - kept[n] / self.masks[n].numel() for n in kept}
         return per_layer, 1.0 - sum(kept.values()) / max(total, 1)
@@ -163,12 +215,11 @@ class MaskEngine:
     def squash_(self) -> dict[str, int]:
         """Apply the masks for good and remove the buffers (under every alias); returns non-zeros per layer."""
         self.apply_()
-        nonzeros = {}
-        for name, param in self.params.items():
+        for name in self.params:
             for alias in self.names(name):
                 module, key = self._owner(alias)
                 module._buffers.pop(key, None)
-            nonzeros[name] = int(param.count_nonzero())
+        nonzeros = dict(zip(self.params, global_sums([_like(p, local(p.detach()) != 0) for p in self.params.values()])))
         self.masks = {}
         self.params = {}
         return nonzeros

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..distributed import like, local
 from .engine import MaskEngine
 from .masks import nm_mask
 
@@ -50,14 +51,15 @@ class SRSTE:
         if not self.latent:  # first step: the parameters are still dense
             self.latent = {n: p.detach().clone() for n, p in params.items()}
             for name, p in params.items():
-                masks[name].copy_(self._nm(name, p))
-        else:
+                local(masks[name]).copy_(local(self._nm(name, p)))
+        else:  # shard-local throughout (DTensor shards under FSDP2; the tensors themselves otherwise)
             names = list(params)
-            torch._foreach_copy_([params[n].detach() for n in names], [self.latent[n] for n in names])
+            torch._foreach_copy_([local(params[n].detach()) for n in names], [local(self.latent[n]) for n in names])
         for name, p in params.items():
             if p.grad is not None:  # pruned slots: finite gradient + decay * W (one pass)
-                pruned = torch.nan_to_num(p.grad, 0.0, 0.0, 0.0).add_(p.detach(), alpha=self.decay)
-                p.grad.copy_(torch.where(masks[name], p.grad, pruned))
+                grad = local(p.grad)
+                pruned = torch.nan_to_num(grad, 0.0, 0.0, 0.0).add_(local(p.detach()), alpha=self.decay)
+                grad.copy_(torch.where(local(masks[name]), grad, pruned))
 
     @torch.no_grad()
     def after_step_(self) -> None:
@@ -65,8 +67,8 @@ class SRSTE:
         if not self.latent:  # a step before SR-STE started
             return
         for name, p in self.engine.params.items():
-            self.latent[name].copy_(p)
-            self.engine.masks[name].copy_(self._nm(name, p))
+            local(self.latent[name]).copy_(local(p.detach()))
+            local(self.engine.masks[name]).copy_(local(self._nm(name, p)))
         self.engine.apply_()
 
     def _nm(self, name: str, weight: Tensor) -> Tensor:
@@ -78,4 +80,5 @@ class SRSTE:
         return dict(self.latent)
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.latent = {n: t.to(self.engine.params[n].device).clone() for n, t in state.items()}
+        self.latent = {n: like(self.engine.params[n], t.to(local(self.engine.params[n]).device).clone())
+                       for n, t in state.items()}
