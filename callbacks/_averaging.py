@@ -13,6 +13,17 @@ Lifecycle (see docs/design.md):
 
 With several averaging callbacks attached, only the last one that evaluates (and the last
 one that applies at the end) swaps weights; the others keep their averages in their state.
+
+Under FSDP2 (ModelParallelStrategy, ``fully_shard`` in ``configure_model``) the average of a
+sharded parameter is a DTensor of its layout (1/world size of the memory per rank), updated
+on the local shard with no communication. Lightning saves callback state from rank 0 only,
+so these averages live in the model while a fit runs: persistent buffers
+``<parameter>_<name>`` (``net.0.weight_ema``), attached at binding (so a resumed run loads
+them through torch.distributed.checkpoint) and removed at teardown (the shipped model has
+its own keys only). The callback state keeps the counters and the averages of buffers:
+FSDP2 does not shard buffers (BatchNorm statistics), so theirs stay whole in the state,
+rank 0's, as under DDP. Swaps copy shard to shard; ``averaged_state_dict`` gathers whole
+tensors for an export.
 """
 
 from __future__ import annotations
@@ -25,10 +36,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from ..core.averaging import AveragedWeights, load_tensors_
+from ..core.averaging import AveragedWeights, attach_buffers_, detach_buffers_, load_tensors_, read_buffers, reshard_
 from ..core.checks import check_bool
+from ..core.distributed import check_layout, full, is_sharded
 from ._base import _Base, after_configure_model
-from ._strategy import refuse_sharded
+from ._strategy import check_strategy, is_fsdp2
 from ._summary import format_table
 
 __all__: list[str] = []
@@ -52,6 +64,8 @@ class _Averaging(_Base):
         self._pending: dict[str, Any] = {}  # state loaded before any binding, applied at the next one
         self._evaluates = evaluate_averaged
         self._applies = apply_at_end
+        self._attached: list[str] = []  # model buffers holding sharded averages (FSDP2)
+        self._dtypes: dict[str, torch.dtype] = {}  # of the sharded averages, by parameter name
 
     # -- the override points -------------------------------------------------------------
     def _weight(self) -> float:
@@ -69,7 +83,10 @@ class _Averaging(_Base):
 
     # -- set-up ----------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        refuse_sharded(self, trainer)
+        check_strategy(self, trainer)
+        if is_fsdp2(trainer) and self.offload_to_cpu:
+            raise ValueError(f"{type(self).__name__} offload_to_cpu=True under ModelParallelStrategy: averages of FSDP2 "
+                             "shards stay beside them (1/world size of the memory per rank); set offload_to_cpu=False.")
         peers = [cb for cb in trainer.callbacks if isinstance(cb, _Averaging)]
         self._evaluates = self.evaluate_averaged and self is [c for c in peers if c.evaluate_averaged][-1]
         self._applies = self.apply_at_end and self is [c for c in peers if c.apply_at_end][-1]
@@ -84,12 +101,26 @@ class _Averaging(_Base):
         after_configure_model(pl_module, partial(self._bind, pl_module))
 
     def _bind(self, pl_module: pl.LightningModule) -> None:
+        reshard_(pl_module)  # bind the shards, not a gathered copy
         self.averaged = AveragedWeights(pl_module, device="cpu" if self.offload_to_cpu else None)
+        sharded = {n: t for n, t in self.averaged.tensors.items() if is_sharded(t)}
+        for name, tensor in sharded.items():
+            check_layout(name, tensor)
+        self._dtypes = {n: t.dtype for n, t in sharded.items()}
+        self._attached = attach_buffers_(pl_module, sharded, f"_{self.name}")
         if self._pending:
             self._load_state(self._pending)
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # The averages stay with this callback (and in the module if applied); the model loses the keys.
+        detach_buffers_(pl_module, self._attached)
+        self._attached = []
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.averaged is not None
+        reshard_(pl_module)
+        if self._attached:  # a checkpoint load may have replaced the buffers, a precision plugin cast them
+            self.averaged.tensors.update(read_buffers(pl_module, self._dtypes, f"_{self.name}"))
         if not self.offload_to_cpu:
             self.averaged.to_(pl_module.device)
         self.averaged.bind_(pl_module)
@@ -101,6 +132,7 @@ class _Averaging(_Base):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Re-resolve by name: another callback may have re-registered parameters since.
         assert self.averaged is not None
+        reshard_(pl_module)
         self.averaged.bind_(pl_module)
 
     # -- updates ---------------------------------------------------------------------------
@@ -129,16 +161,18 @@ class _Averaging(_Base):
             pl_module.log(f"{self.name}/updates", float(self.averaged.num_updates), on_step=on_step, on_epoch=not on_step)
 
     # -- evaluation and shipping -----------------------------------------------------------
-    def _hold_averaged(self) -> bool:
+    def _hold_averaged(self, pl_module: pl.LightningModule) -> bool:
         """Put the averages into the module, keeping the raw weights; False if nothing to put."""
         if self._raw is not None or self.averaged is None or self.averaged.num_updates == 0:
             return False
+        reshard_(pl_module)  # FSDP2 would otherwise go on using a gathered copy of the raw weights
         self._raw = self.averaged.snapshot()
         self.averaged.copy_to_()
         return True
 
-    def _release_averaged(self) -> None:
+    def _release_averaged(self, pl_module: pl.LightningModule) -> None:
         assert self.averaged is not None and self._raw is not None
+        reshard_(pl_module)  # drop the gathered averages that evaluation left behind
         self.averaged.restore_(self._raw)
         self._raw = None
 
@@ -157,11 +191,11 @@ class _Averaging(_Base):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sync_buffers(trainer)
         if self._evaluates:
-            self._held_for_eval = self._hold_averaged()
+            self._held_for_eval = self._hold_averaged(pl_module)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._held_for_eval:
-            self._release_averaged()
+            self._release_averaged(pl_module)
             self._held_for_eval = False
 
     on_test_epoch_start = on_validation_epoch_start
@@ -170,7 +204,7 @@ class _Averaging(_Base):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sync_buffers(trainer)
         if self._applies:
-            self._hold_averaged()
+            self._hold_averaged(pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.averaged is not None
@@ -187,8 +221,21 @@ class _Averaging(_Base):
 
     @property
     def raw_weights(self) -> dict[str, torch.Tensor] | None:
-        """The training weights while the module holds the averaged ones (after fit), else None."""
-        return self._raw
+        """The training weights while the module holds the averaged ones (after fit), else None.
+
+        Whole tensors: under FSDP2 they are gathered (a collective: read it on every rank).
+        """
+        return None if self._raw is None else {n: full(t) for n, t in self._raw.items()}
+
+    def averaged_state_dict(self) -> dict[str, torch.Tensor]:
+        """The averages as whole tensors by name (zero where a sparsity mask prunes): an export helper.
+
+        Averages of half-precision parameters are float32 (``load_state_dict`` casts them).
+        Under FSDP2 every sharded average is all-gathered: call it on every rank, once, not per step.
+        """
+        if self.averaged is None:
+            raise ValueError(f"{type(self).__name__}.averaged_state_dict() before any fit: there are no averages yet.")
+        return self.averaged.full_state_dict()
 
     # -- checkpointing ---------------------------------------------------------------------
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
@@ -197,6 +244,10 @@ class _Averaging(_Base):
         if self._raw is None:
             return
         assert self.averaged is not None
+        if self._attached:  # FSDP2: the state is a (possibly offloaded) copy; pair by name
+            checkpoint["state_dict"] = {k: self._raw[k].clone() if k in self._raw else v
+                                        for k, v in checkpoint["state_dict"].items()}
+            return
         by_storage = {t.data_ptr(): n for n, t in self.averaged._current.items()}
         state = dict(checkpoint["state_dict"])
         for key, value in state.items():
@@ -208,7 +259,10 @@ class _Averaging(_Base):
     def _state(self) -> dict[str, Any]:
         if self.averaged is None:  # loaded but not bound yet
             return dict(self._pending)
-        return self.averaged.state_dict()
+        state = self.averaged.state_dict()
+        # Sharded averages are saved with the model (buffers); rank 0's shards alone would be wrong.
+        state["tensors"] = {n: t for n, t in state["tensors"].items() if not is_sharded(t)}
+        return state
 
     def _load_state(self, state_dict: dict[str, Any]) -> None:
         self._raw = None  # the model was (re)loaded with raw weights

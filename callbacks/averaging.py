@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from ..core.averaging import batchnorm_layers, ema_decay, load_tensors_, update_bn_
+from ..core.averaging import batchnorm_layers, ema_decay, load_tensors_, reshard_, update_bn_
 from ..core.checks import check_choice, check_int, check_real
 from ..core.schedules import resolve_step
 from ._base import never_acts, overrides, run_length
@@ -237,7 +237,7 @@ class SWA(_Averaging):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sync_buffers(trainer)
-        if not (self._applies and self._hold_averaged()):
+        if not (self._applies and self._hold_averaged(pl_module)):
             return
         layers = batchnorm_layers(pl_module)
         if not layers or self.bn_batches == 0:
@@ -248,8 +248,9 @@ class SWA(_Averaging):
             with precision.forward_context():  # the dtype and autocast the training forward ran under
                 self._bn_seen = update_bn_(pl_module, batches, lambda m, b: self.bn_forward(m, b), self.bn_batches)
         except BaseException:  # leave the module as training left it: raw weights and their statistics
-            self._release_averaged()
+            self._release_averaged(pl_module)
             raise
+        reshard_(pl_module)  # FSDP2: drop the copies the pass gathered; the shards hold the averages
         buffers = {n: b for n, b in pl_module.named_buffers() if n in self.averaged.tensors}
         with torch.no_grad():
             for bn in layers:  # each rank saw its own shard: agree on the mean statistics

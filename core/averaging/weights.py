@@ -8,6 +8,11 @@ tensors (parameters and buffers such as BatchNorm statistics) are averaged with 
 qualified name, so re-registering a parameter (as ``torch.nn.utils.prune`` does) cannot
 mis-pair them the way a positional zip does.
 
+Sharded parameters (FSDP2 DTensors) get DTensor averages of the same layout, created and
+updated on the local shards only (no communication per update); :meth:`AveragedWeights.full_state_dict`
+gathers whole tensors for an export. Where they are saved is the caller's choice
+(``lichtenberg.core.averaging.sharded`` attaches them to the model as buffers).
+
 Example:
     >>> model = torch.nn.Linear(4, 2)
     >>> avg = AveragedWeights(model)
@@ -23,6 +28,9 @@ from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
+
+from ..distributed import full, is_sharded, like
+from .sharded import is_average_buffer, shard_view
 
 __all__ = ["AveragedWeights", "averageable_tensors", "ema_decay", "ema_update_", "load_tensors_", "swa_update_"]
 
@@ -62,12 +70,14 @@ def swa_update_(averaged: list[Tensor], current: list[Tensor], num_averaged: int
 def averageable_tensors(module: nn.Module) -> dict[str, Tensor]:
     """Parameters and persistent buffers of ``module`` by qualified name (tied tensors once).
 
-    Bool buffers (sparsity masks) are structure, not state to average, and are left out.
+    Bool buffers (sparsity masks) are structure, not state to average, and are left out, and
+    so are averages attached beside parameters (``<name>_ema``, ``<name>_swa``).
     """
     out = dict(module.named_parameters())
     for name, buf in module.named_buffers():
-        owner, _, leaf = name.rpartition(".")
-        if leaf not in module.get_submodule(owner)._non_persistent_buffers_set and buf.dtype != torch.bool:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        if leaf not in owner._non_persistent_buffers_set and buf.dtype != torch.bool and not is_average_buffer(owner, leaf):
             out[name] = buf
     return out
 
@@ -115,9 +125,13 @@ def _average_dtype(dtype: torch.dtype) -> torch.dtype:
 class AveragedWeights:
     """Name-keyed averaged copies of a module's floating tensors (integer buffers copied).
 
+    A sharded tensor (FSDP2 DTensor) gets a DTensor average of its layout, beside it: the
+    rank's memory is that of its shard, and every operation here works on local shards.
+
     Args:
         module: the model to average; its current values initialise the copies.
-        device: where the copies live; None keeps each beside its tensor ("cpu" offloads).
+        device: where the copies live; None keeps each beside its tensor ("cpu" offloads;
+            not for sharded tensors).
         names: which tensors to track; default every parameter and persistent buffer.
     """
 
@@ -137,7 +151,13 @@ class AveragedWeights:
         for name in new:
             t = found[name].detach()
             dtype = _average_dtype(t.dtype) if t.is_floating_point() else t.dtype
-            self.tensors[name] = t.to(self.device or t.device, dtype, copy=True)
+            if is_sharded(t):
+                if self.device is not None:
+                    raise ValueError(f"device={self.device} for the sharded tensor '{name}': averages of FSDP2 shards "
+                                     "stay beside their shards (already 1/world size of the memory); pass device=None.")
+                self.tensors[name] = like(t, shard_view(t).to(dtype, copy=True))
+            else:
+                self.tensors[name] = t.to(self.device or t.device, dtype, copy=True)
         self.bind_(module)
         return new
 
@@ -151,12 +171,17 @@ class AveragedWeights:
         # Averages written into a sparse model stay on its current masks, found under every alias.
         aliases = _aliases(module)
         masks = {name: _mask_of(module, aliases.get(id(current[name]), [name])) for name in self.tensors}
-        self._masked = ([current[n] for n, m in masks.items() if m is not None], [m for m in masks.values() if m is not None])
+        self._masks = {n: m for n, m in masks.items() if m is not None}
+        # Every foreach list below holds local shards (the tensors themselves when not sharded).
+        self._masked = ([shard_view(current[n]) for n in self._masks], [shard_view(m) for m in self._masks.values()])
         self._groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
         self._casts: list[tuple[Tensor, Tensor]] = []
         self._copies: tuple[list[Tensor], list[Tensor]] = ([], [])
         for name, avg in self.tensors.items():
-            cur = current[name]
+            if is_sharded(avg) != is_sharded(current[name]):
+                raise ValueError(f"'{name}' is {'' if is_sharded(current[name]) else 'not '}sharded but its average "
+                                 "is not laid out alike: bind averages to the model they were made from.")
+            cur, avg = shard_view(current[name]), shard_view(avg)
             if not avg.is_floating_point():
                 self._copies[0].append(avg)
                 self._copies[1].append(cur)
@@ -194,8 +219,9 @@ class AveragedWeights:
             torch._foreach_mul_(*self._masked)
 
     def snapshot(self) -> dict[str, Tensor]:
-        """Clones of the bound module's current values of every tracked tensor."""
-        return {name: t.detach().clone() for name, t in self._current.items()}
+        """Clones of the bound module's current values of every tracked tensor (shard-local
+        clones, laid out like their tensors, for sharded ones)."""
+        return {name: like(t, shard_view(t).clone()) for name, t in self._current.items()}
 
     @torch.no_grad()
     def restore_(self, snapshot: Mapping[str, Tensor]) -> None:
@@ -204,11 +230,23 @@ class AveragedWeights:
 
     def to_(self, device: str | torch.device) -> None:
         """Move the copies (unless a fixed ``device`` was given); call :meth:`bind_` afterwards."""
-        if self.device is None:
-            self.tensors = {n: t.to(device) for n, t in self.tensors.items()}
+        if self.device is None:  # sharded averages already sit beside their shards
+            self.tensors = {n: t if is_sharded(t) else t.to(device) for n, t in self.tensors.items()}
 
     def state_dict(self) -> dict:
         return {"num_updates": self.num_updates, "tensors": dict(self.tensors)}
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """Whole copies of the averages, by name, zeroed where a sparsity mask prunes: an export
+        helper. Sharded averages are all-gathered (a collective: call it on every rank, not per step).
+        """
+        out = {}
+        for name, avg in self.tensors.items():
+            whole = full(avg).detach().clone()
+            mask = getattr(self, "_masks", {}).get(name)
+            out[name] = whole if mask is None else whole * full(mask).to(whole.device)
+        return out
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping) -> dict[str, Tensor]:
@@ -217,21 +255,29 @@ class AveragedWeights:
         unknown = {}
         for name, value in state["tensors"].items():
             if name in self.tensors:
-                self.tensors[name].copy_(value)
+                load_tensors_(self.tensors, {name: value})
             else:
                 unknown[name] = value
         return unknown
 
 
+@torch.no_grad()
 def load_tensors_(dst: Mapping[str, Tensor], src: Mapping[str, Tensor]) -> None:
-    """Copy ``src[name]`` into ``dst[name]`` for every name of ``src``, grouped into foreach copies."""
+    """Copy ``src[name]`` into ``dst[name]`` for every name of ``src``, grouped into foreach copies.
+
+    Sharded tensors are copied shard to shard (both must be laid out alike).
+    """
     groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
     for name, s in src.items():
         d = dst[name]
+        if is_sharded(d) != is_sharded(s):
+            raise ValueError(f"'{name}': cannot copy a {'' if is_sharded(s) else 'non-'}sharded tensor into a "
+                             f"{'' if is_sharded(d) else 'non-'}sharded one; load state saved under the same strategy.")
+        d, s = shard_view(d), shard_view(s)
         if s.device != d.device or s.dtype != d.dtype:
             s = s.to(d.device, d.dtype)
         dl, sl = groups.setdefault((d.device, d.dtype), ([], []))
-        dl.append(d.data)
+        dl.append(d)
         sl.append(s)
     for dl, sl in groups.values():
         torch._foreach_copy_(dl, sl)
