@@ -27,6 +27,7 @@ from lightning.pytorch.trainer.states import RunningStage
 from torch import Tensor
 
 from ._base import _Base
+from ._strategy import data_parallel
 
 __all__ = ["weighted_loss"]
 
@@ -73,8 +74,16 @@ class _PerSample(_Base):
 
 
 def _gather(trainer: pl.Trainer, t: Tensor) -> Tensor:
-    """[W * B] in rank order (the tensor itself on one process)."""
-    return trainer.strategy.all_gather(t).reshape(-1) if trainer.world_size > 1 else t.reshape(-1)
+    """[R * B] in data-parallel rank order for R replicas (the tensor itself on one process).
+
+    Tensor-parallel ranks of one replica hold the same batch: the gather over the world keeps
+    one row per replica (Lightning's mesh is data-parallel-major: rank = dp_rank * tp + tp_rank).
+    """
+    if trainer.world_size < 2:
+        return t.reshape(-1)
+    replicas, _ = data_parallel(trainer)
+    rows = trainer.strategy.all_gather(t).reshape(trainer.world_size, -1)  # [W, B]
+    return rows[:: trainer.world_size // replicas].reshape(-1)
 
 
 def _per_sample(losses: Tensor, mask: Tensor | None) -> Tensor:
@@ -137,7 +146,7 @@ def weighted_loss(pl_module: pl.LightningModule, losses: Tensor, index: Tensor |
     for cb in callbacks:
         cb._check_batch(trainer, losses, index)
     pl_module.__dict__["_lichtenberg_reduced"] = True  # the training_step wrapper passes this scalar through
-    n, start = losses.numel(), trainer.global_rank * losses.numel() if trainer.world_size > 1 else 0
+    n, start = losses.numel(), data_parallel(trainer)[1] * losses.numel()
     gather = any(cb._global_losses for cb in callbacks)  # else no collective at all in the step
     g_losses = _gather(trainer, losses.detach()) if gather else None
     g_index = _gather(trainer, index) if index is not None and gather else None

@@ -27,6 +27,13 @@ def check_strategy(callback: object, trainer: pl.Trainer) -> None:
         raise ValueError(f"{type(callback).__name__} does not support {strategy}; supported: {_SUPPORTED}.")
 
 
+def data_parallel(trainer: pl.Trainer) -> tuple[int, int]:
+    """(replicas, rank) of data parallelism: the world under DDP; the data-parallel dimension of
+    the device mesh under ModelParallelStrategy, whose tensor-parallel ranks share each batch."""
+    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+    return int(kwargs.get("num_replicas", trainer.world_size)), int(kwargs.get("rank", trainer.global_rank))
+
+
 def is_fsdp2(trainer: pl.Trainer) -> bool:
     """Whether the run shards parameters as FSDP2 DTensors (ModelParallelStrategy)."""
     return type(trainer.strategy).__name__ == "ModelParallelStrategy"

@@ -32,6 +32,7 @@ from ..core.checks import check_choice, check_int, check_real
 from ..core.reweighting import PlanSampler, el2n_scores, infobatch_plan, sampler_order, static_keep
 from ._base import never_acts
 from ._per_sample import _PerSample
+from ._strategy import data_parallel
 from ._summary import format_table
 
 __all__ = ["DataPruning"]
@@ -169,7 +170,8 @@ class DataPruning(_PerSample):
             raise ValueError("DataPruning needs one map-style torch DataLoader with a batch_size (no custom "
                              f"batch_sampler, no IterableDataset) as the training data; got {type(loader).__name__}.")
         trainer, n = self._trainer, len(loader.dataset)
-        self._order = self._order_of(loader.sampler, n, trainer.world_size)
+        replicas, rank = data_parallel(trainer)
+        self._order = self._order_of(loader.sampler, n, replicas)
         self._sampler, self._batch_size = loader.sampler, loader.batch_size
         if self.scores is None:  # on the device the losses will come from
             device = trainer.strategy.root_device
@@ -178,8 +180,7 @@ class DataPruning(_PerSample):
         elif self.scores.numel() != n:
             raise ValueError(self._size_message(self.scores.numel(), n))
         self._n = n
-        sampler = PlanSampler(loader.dataset, self._ids, lambda: trainer.current_epoch, trainer.world_size,
-                              trainer.global_rank, skip=lambda: self._skip_batches * self._batch_size)
+        sampler = PlanSampler(loader.dataset, self._ids, lambda: trainer.current_epoch, replicas, rank, skip=lambda: self._skip_batches * self._batch_size)
         return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
                           collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
                           timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
@@ -260,9 +261,10 @@ class DataPruning(_PerSample):
                 ids = order[kept[order]]
             # Equal shares per rank; and no last batch of a single sample (BatchNorm cannot train on
             # it): then each rank leaves its last sample for a later epoch.
-            per_rank = ids.numel() // self._trainer.world_size
+            replicas = data_parallel(self._trainer)[0]
+            per_rank = ids.numel() // replicas
             per_rank -= 1 if per_rank > 1 and per_rank % self._batch_size == 1 else 0
-            ids = ids[: per_rank * self._trainer.world_size]
+            ids = ids[: per_rank * replicas]
             self._plan = (epoch, ids, weights.to(self.scores.device))
             if epoch < self._trainer.max_epochs:  # Lightning may read the loader once more after the last epoch
                 rank_zero_info(f"DataPruning: epoch {epoch} trains on {ids.numel()} of {n} samples ({ids.numel() / n:.1%}).")
@@ -273,7 +275,7 @@ class DataPruning(_PerSample):
         self._batch_idx = batch_idx
 
     def _check_batch(self, trainer: pl.Trainer, losses: Tensor, index: Tensor | None) -> None:
-        ids, world = self._ids(trainer.current_epoch), trainer.world_size
+        (world, rank), ids = data_parallel(trainer), self._ids(trainer.current_epoch)
         share, start = ids.numel() // world, self._batch_idx * self._batch_size
         size = max(0, min(self._batch_size, share - start))  # this rank's batch, from the plan: no host sync
         if losses.numel() != size:
@@ -282,7 +284,7 @@ class DataPruning(_PerSample):
                              "sample: losses.view(views, -1).mean(0)).")
         if index is not None and self._index_checked != trainer.current_epoch:
             self._index_checked = trainer.current_epoch  # comparing values is a host sync: once per epoch
-            drawn = ids[trainer.global_rank:share * world:world][start:start + size]
+            drawn = ids[rank:share * world:world][start:start + size]
             got = index.detach().long().cpu()
             if not torch.equal(got, drawn):
                 raise ValueError(f"DataPruning: training_step's 'index' {got[:4].tolist()}... is not the dataset ids "
@@ -291,7 +293,7 @@ class DataPruning(_PerSample):
 
     def _global_index(self, trainer: pl.Trainer, batch_size: int) -> Tensor:
         ids = self._ids(trainer.current_epoch)
-        world = trainer.world_size
+        world = data_parallel(trainer)[0]
         usable = ids.numel() // world * world
         start = self._batch_idx * self._batch_size
         parts = [ids[r:usable:world][start:start + batch_size] for r in range(world)]
@@ -315,7 +317,7 @@ class DataPruning(_PerSample):
         self.seen[index] = True
         if self._touched is not None:
             self._touched[index] = True
-        self._forwarded += index.numel() * trainer.world_size  # every rank forwards an equal share
+        self._forwarded += index.numel() * data_parallel(trainer)[0]  # every replica forwards an equal share
 
     def _merge(self) -> None:
         """Give every rank the scores all ranks wrote since the last merge (a collective).

@@ -73,3 +73,30 @@ def composition(out) -> None:
     result["ref_state"] = {type(c).__name__: _state(c) for c in ref_cbs}
     result["resumed_state"] = {type(c).__name__: _state(c) for c in cbs}
     save(out, result)
+
+
+def data_parallel_mesh(out) -> None:
+    """The per-sample callbacks on a mesh of 1 data-parallel x 2 tensor-parallel ranks: both ranks
+    hold the same batches (one replica), so each run equals the single-device run."""
+    import lightning as L
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from tests.cases import TRAINER, TinyData
+    from tests.sharded.common import ShardedTinyModel
+
+    result = {}
+    for name in ("SampleReweighting", "DataPruning"):
+        for kind in ("mesh", "single"):
+            cb = CASE[name].make()
+            L.seed_everything(0)
+            model = ShardedTinyModel()
+            if kind == "mesh":
+                strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
+                # The loader as given on both ranks (one replica; Lightning's sampler would reorder it).
+                trainer = L.Trainer(**{**TRAINER, "devices": 2}, strategy=strategy, max_epochs=3, callbacks=[cb],
+                                    use_distributed_sampler=False)
+            else:
+                trainer = L.Trainer(**TRAINER, max_epochs=3, callbacks=[cb])
+            trainer.fit(model, datamodule=TinyData())
+            result[f"{name}/{kind}"] = {"model": snapshot(model), "state": _state(cb), "step": trainer.global_step}
+    save(out, result)

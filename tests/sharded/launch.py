@@ -36,7 +36,8 @@ def _free_port() -> int:
 
 
 def launch(module: str, names: list[str], out: Path, world: int = 2, timeout: float = 600) -> dict[str, list]:
-    """Run the scenarios ``names`` of ``tests.sharded.<module>`` on ``world`` ranks; returns
+    """Run the scenarios ``names`` of ``tests.sharded.<module>`` (or of a dotted module path,
+    e.g. a benchmark) on ``world`` ranks; returns
     ``{name: [rank0_result, rank1_result, ...]}`` or raises with both ranks' output."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world),
            "NODE_RANK": "0", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
@@ -75,7 +76,7 @@ def result(results: dict[str, list], name: str) -> list:
 
 
 def _main(module: str, out: str, *names: str) -> None:
-    scenarios = importlib.import_module(f"tests.sharded.{module}")
+    scenarios = importlib.import_module(module if "." in module else f"tests.sharded.{module}")
     for name in names:
         path = Path(out) / name
         path.mkdir(parents=True, exist_ok=True)

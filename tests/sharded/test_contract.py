@@ -24,8 +24,9 @@ def results(request, tmp_path_factory):
     wanted = {item.callspec.params["name"] for item in request.session.items
               if item.module.__name__ == __name__ and hasattr(item, "callspec") and "name" in item.callspec.params}
     scenarios = ["plain"] + [f"case_{n}" for n in NAMES if n in wanted]
-    if any(item.name.startswith("test_composition") for item in request.session.items):
-        scenarios.append("composition")
+    for scenario in ("composition", "data_parallel_mesh"):
+        if any(item.name.startswith(f"test_{scenario}") for item in request.session.items):
+            scenarios.append(scenario)
     return launch("contract_scenarios", scenarios, tmp_path_factory.mktemp("contract"))
 
 
@@ -65,6 +66,16 @@ def test_callback_under_fsdp2_equals_ddp_and_resumes_bit_exact(results, name):
     same(fsdp["state"], r1["fsdp2"]["state"], "callback state across ranks")
     same(r0["ref"], r0["resumed"], "crash-resume through DCP: model")
     same(r0["ref_state"], r0["resumed_state"], "crash-resume through DCP: callback state")
+
+
+@pytest.mark.parametrize("name", ["SampleReweighting", "DataPruning"])
+def test_data_parallel_mesh_per_sample_callbacks_treat_tensor_parallel_ranks_as_one_replica(results, name):
+    r0, r1 = result(results, "data_parallel_mesh")
+    mesh, single = r0[f"{name}/mesh"], r0[f"{name}/single"]
+    assert mesh["step"] == single["step"] > 0
+    same(single["model"], mesh["model"], "1 x 2 mesh vs one device: weights", exact=False)
+    same(single["state"], mesh["state"], "1 x 2 mesh vs one device: callback state", exact=False)
+    same(mesh["state"], r1[f"{name}/mesh"]["state"], "callback state across tensor-parallel ranks")
 
 
 @pytest.mark.xfail(strict=True, reason="sharded support pending")
