@@ -14,16 +14,12 @@ Lifecycle (see docs/design.md):
 With several averaging callbacks attached, only the last one that evaluates (and the last
 one that applies at the end) swaps weights; the others keep their averages in their state.
 
-Under FSDP2 (ModelParallelStrategy, ``fully_shard`` in ``configure_model``) the average of a
-sharded parameter is a DTensor of its layout (1/world size of the memory per rank), updated
-on the local shard with no communication. Lightning saves callback state from rank 0 only,
-so these averages live in the model while a fit runs: persistent buffers
-``<parameter>_<name>`` (``net.0.weight_ema``), attached at binding (so a resumed run loads
-them through torch.distributed.checkpoint) and removed at teardown (the shipped model has
-its own keys only). The callback state keeps the counters and the averages of buffers:
-FSDP2 does not shard buffers (BatchNorm statistics), so theirs stay whole in the state,
-rank 0's, as under DDP. Swaps copy shard to shard; ``averaged_state_dict`` gathers whole
-tensors for an export.
+Under FSDP2 (ModelParallelStrategy) the average of a sharded parameter is a DTensor of its
+layout, updated and swapped shard to shard. Callback state is saved by rank 0 alone, so
+these live in the model during a fit, as persistent buffers ``net.0.weight_ema`` (``_swa``)
+that torch.distributed.checkpoint saves and restores, removed at teardown. FSDP2 leaves
+buffers whole: the averages of BatchNorm statistics stay in the callback state, rank 0's,
+as under DDP. See docs/averaging.md, "Sharded runs".
 """
 
 from __future__ import annotations
@@ -44,7 +40,6 @@ from ._strategy import check_strategy, is_fsdp2
 from ._summary import format_table
 
 __all__: list[str] = []
-
 
 
 class _Averaging(_Base):
@@ -95,6 +90,7 @@ class _Averaging(_Base):
                 f"{type(self).__name__}: another averaging callback later in `callbacks` swaps its "
                 "weights in for evaluation / at the end; this one keeps its average in its state."
             )
+        reshard_(pl_module)  # FSDP2 after a forward: the shards are what the averages are bound to
         if stage != "fit" and self.averaged is not None and self.averaged.bound_to(pl_module):
             return  # e.g. trainer.test right after fit: the module may hold the averages already
         self.averaged, self._raw, self._held_for_eval = None, None, False

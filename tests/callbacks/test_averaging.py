@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import lightning as L
 import pytest
 import torch
@@ -272,3 +274,36 @@ def test_a_failing_batchnorm_pass_leaves_the_raw_weights():
     assert swa.raw_weights is None  # the module was given its raw weights back
     assert not torch.equal(model.net[0].weight, swa.averaged.tensors["net.0.weight"])
     assert not torch.equal(model.net[1].running_var, torch.ones(16))  # statistics not left reset
+
+
+def test_averaged_state_dict_is_a_whole_copy_of_the_averages():
+    ema = EMA(decay=0.9)
+    with pytest.raises(ValueError, match=r"averaged_state_dict\(\) before any fit"):
+        ema.averaged_state_dict()
+    _, model = fit([ema], max_epochs=1)
+    out = ema.averaged_state_dict()
+    assert set(out) == set(model.state_dict())  # every parameter and persistent buffer
+    for name, value in out.items():
+        assert torch.equal(value, ema.averaged.tensors[name]) and value is not ema.averaged.tensors[name], name
+    # The module holds the averages after fit, so the export loads back into it unchanged.
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, out[name].to(value.dtype)), name
+
+
+class ModelParallelStrategy:  # stand in for Lightning's: only its name is checked
+    pass
+
+
+@pytest.mark.parametrize("cls", [EMA, SWA])
+def test_offload_to_cpu_under_fsdp2_is_refused_naming_the_fix(cls):
+    trainer = types.SimpleNamespace(strategy=ModelParallelStrategy(), callbacks=[], world_size=2)
+    with pytest.raises(ValueError, match="offload_to_cpu=True under ModelParallelStrategy.*set offload_to_cpu=False"):
+        cls(offload_to_cpu=True).setup(trainer, TinyModel(), "fit")
+
+
+def test_without_sharded_parameters_nothing_is_attached_to_the_model():
+    # DDP and single device keep every average in the callback (and its checkpoint state).
+    ema = EMA(decay=0.9)
+    _, model = fit([ema], max_epochs=1)
+    assert ema._attached == [] and not any(k.endswith("_ema") for k in model.state_dict())
+    assert set(ema.state_dict()["tensors"]) == set(model.state_dict())

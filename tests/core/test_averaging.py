@@ -211,3 +211,84 @@ def test_averages_written_into_a_sparse_model_stay_on_its_mask():
     assert (net.weight[~mask] == 0).all()
     assert torch.equal(net.weight[mask], avg.tensors["weight"][mask])
     assert torch.equal(net.weight_mask, mask)
+
+
+# -- sharded runs: the buffer helpers (DTensor paths run in tests/sharded/test_averaging.py) -----
+
+
+def _pretend_sharded(monkeypatch, tensors):
+    """Make the helpers treat ``tensors`` (by identity) as FSDP2 shards."""
+    import lichtenberg.core.averaging.sharded as sharded
+
+    ids = {id(t) for t in tensors}
+    monkeypatch.setattr(sharded, "is_sharded", lambda t: id(t) in ids)
+
+
+def test_averages_attached_beside_parameters_are_never_averaged():
+    from lichtenberg.core.averaging import attach_buffers_
+
+    net = nn.Sequential(nn.Linear(3, 2))
+    net[0].register_buffer("weight_ema", torch.zeros(2, 3))  # as attach_buffers_ names them
+    net[0].register_buffer("scale_ema", torch.zeros(1))  # no parameter 'scale': an ordinary buffer
+    names = set(averageable_tensors(net))
+    assert names == {"0.weight", "0.bias", "0.scale_ema"}
+    with pytest.raises(ValueError, match="suffix='_avg' is not one of"):
+        attach_buffers_(net, {}, "_avg")
+
+
+def test_attach_read_detach_buffers(monkeypatch):
+    from lichtenberg.core.averaging import attach_buffers_, detach_buffers_, read_buffers
+
+    net = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    avg_w, avg_b, stat = torch.ones(2, 3), torch.ones(2), torch.zeros(2)
+    _pretend_sharded(monkeypatch, [avg_w, avg_b])
+    added = attach_buffers_(net, {"0.weight": avg_w, "0.bias": avg_b, "1.running_mean": stat}, "_ema")
+    # Only sharded averages go into the model (whole ones stay with their owner), persistent.
+    assert added == ["0.weight_ema", "0.bias_ema"]
+    assert net[0].weight_ema is avg_w and "0.weight_ema" in net.state_dict()
+    assert "1.running_mean_ema" not in net.state_dict()
+    # A second callback of the same kind is refused, and leaves nothing half-attached.
+    other = torch.ones(2)
+    _pretend_sharded(monkeypatch, [other, avg_w])
+    net.add_module("2", nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="already has a buffer '0.weight_ema'.*one callback of this kind"):
+        attach_buffers_(net, {"2.bias": other, "0.weight": avg_w}, "_ema")
+    assert "bias_ema" not in net[2]._buffers
+    del net[2]
+    # A precision plugin's module.to(dtype) casts buffers: read_buffers casts back and re-registers.
+    net.to(torch.bfloat16)
+    back = read_buffers(net, {"0.weight": torch.float32, "0.bias": torch.float32}, "_ema")
+    assert back["0.weight"].dtype == torch.float32 and net[0].weight_ema is back["0.weight"]
+    detach_buffers_(net, added + ["missing.weight_ema"])
+    assert set(net.state_dict()) == {"0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean",
+                                     "1.running_var", "1.num_batches_tracked"}
+
+
+def test_reshard_is_a_no_op_without_fsdp2():
+    from lichtenberg.core.averaging import reshard_
+
+    net = nn.Linear(3, 2)
+    before = net.weight
+    reshard_(net)
+    assert net.weight is before
+
+
+def test_full_state_dict_is_whole_copies_on_the_masks():
+    net = nn.Linear(4, 3)
+    mask = torch.rand(3, 4) > 0.5
+    net.register_buffer("weight_mask", mask)
+    avg = AveragedWeights(net)
+    out = avg.full_state_dict()
+    assert set(out) == {"weight", "bias"}
+    assert torch.equal(out["weight"], net.weight.detach() * mask) and out["weight"] is not avg.tensors["weight"]
+    out["bias"].add_(1.0)  # a copy: the averages are untouched
+    assert torch.equal(avg.tensors["bias"], net.bias.detach())
+
+
+def test_load_tensors_refuses_mixing_sharded_and_whole(monkeypatch):
+    import lichtenberg.core.averaging.weights as weights
+
+    dst, src = torch.zeros(2), torch.ones(2)
+    monkeypatch.setattr(weights, "is_sharded", lambda t: t is dst)
+    with pytest.raises(ValueError, match="cannot copy a non-sharded tensor into a sharded one"):
+        weights.load_tensors_({"a": dst}, {"a": src})
