@@ -12,10 +12,11 @@ the layer-kind table (``lichtenberg.core.layers``): ``nn.Linear``, ``nn.Conv1d/2
 ``nn.Embedding`` and Hugging Face's ``Conv1D``. Quantizers always see the weight as rows
 ``[out, in, ...]``, so per-channel scales are per output feature whatever the layout. Only
 exact classes are swapped: a user subclass has its own forward, which a swap would silently
-replace, so it is reported instead. A weight with a ``weight_mask`` buffer (set by the
-sparsity callbacks, under every alias of a tied weight) is multiplied by it after
-quantization: the mask applies to the latent float weight and pruned weights quantize to
-exactly zero on every grid.
+replace, so it is reported instead; FSDP2's ``FSDP<Name>`` wrapper classes define no
+forward and are swapped like the layer they wrap (see ``.sharded``). A weight with a
+``weight_mask`` buffer (set by the sparsity callbacks, under every alias of a tied weight)
+is multiplied by it after quantization: the mask applies to the latent float weight and
+pruned weights quantize to exactly zero on every grid.
 
 Example:
     >>> report = prepare_({"fc": model.fc}, lambda m, kind: WeightQuantizer(as_rows(m.weight, kind).shape, 8, "lsq"),
@@ -51,7 +52,9 @@ class _Quant:
         sharded weight is all-gathered here, a collective every rank must join.
         """
         kind = KINDS[self.target_name]
-        w = self.weight_quantizer(as_rows(full(self.weight), kind))
+        weight = full(self.weight)
+        # Scales stay float32 when FSDP2's MixedPrecisionPolicy casts the weight (bf16): keep its dtype.
+        w = self.weight_quantizer(as_rows(weight, kind)).to(weight.dtype)
         mask = getattr(self, "weight_mask", None)  # a Shard(0) buffer under FSDP2: gathered like the weight
         return w * as_rows(full(mask), kind) if mask is not None else w
 
@@ -60,7 +63,7 @@ class _Quant:
         return from_rows(self.quantized_rows(), KINDS[self.target_name])
 
     def quantized_input(self, x: Tensor) -> Tensor:
-        return self.input_quantizer(x) if self.input_quantizer is not None else x
+        return self.input_quantizer(x).to(x.dtype) if self.input_quantizer is not None else x
 
     def forward(self, x: Tensor) -> Tensor:
         return KINDS[self.target_name].forward(self, self.quantized_input(x), self.quantized_rows())

@@ -79,7 +79,9 @@ def replicate_quantizers_(layers: dict[str, nn.Module]) -> list[nn.Parameter]:
 def average_gradients_(params: list[nn.Parameter]) -> None:
     """Average the gradients of replicated DTensor Parameters over their mesh, in place: one
     all-reduce of one flat buffer (DDP's average; call once per optimizer step, before it).
-    A Parameter without a gradient counts as zero and keeps none."""
+    A Parameter without a gradient counts as zero and keeps none. The average is linear and
+    leaves equal values equal, so calling it once per optimizer step when several optimizers
+    step on one backward (or after more backward passes) still gives DDP's average."""
     if not params:
         return
     group = params[0].device_mesh.get_group(0)

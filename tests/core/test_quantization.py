@@ -296,3 +296,15 @@ def test_a_user_subclass_under_fsdp2_is_still_reported_not_swapped():
     assert swappable_kind(layer)[1] is False
     skipped = prepare_({"m": layer}, lambda m, k: WeightQuantizer(m.weight.shape, 8, "minmax"), lambda m: None)
     assert "own forward" in skipped["m"] and type(layer).__name__ == "FSDPMine"
+
+
+def test_a_bf16_weight_with_float32_scales_keeps_the_layers_dtype():
+    # FSDP2's MixedPrecisionPolicy hands the forward bf16 weights while learned scales stay float32.
+    layer = nn.Linear(8, 4).to(torch.bfloat16)
+    prepare_({"fc": layer}, lambda m, k: _enabled(WeightQuantizer(m.weight.shape, 4, "lsq")),
+             lambda m: _enabled(ActivationQuantizer(8, "lsq")))
+    assert layer.weight_quantizer.scale.dtype == torch.float32
+    y = layer(torch.randn(3, 8, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and layer.quantized_weight().dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.weight_quantizer.scale.grad.dtype == torch.float32

@@ -39,11 +39,27 @@ class SeenShapes(QuantizationAwareTraining):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.seen: dict[str, set] = {}
+        self.dtypes: set[str] = set()
         for name, module in quant_modules(pl_module).items():
             def record(quantizer, args, name=name):
                 if quantizer.enabled and torch.is_grad_enabled():  # training forwards, not folds
                     self.seen.setdefault(name, set()).add((type(args[0]).__name__, tuple(args[0].shape)))
+                    self.dtypes.add(str(args[0].dtype))
             module.weight_quantizer.register_forward_pre_hook(record)
+
+
+class MixedPrecisionModel(ShardedTinyModel):
+    """Shards with FSDP2's bf16 MixedPrecisionPolicy: weights reach forward in bf16, scales stay fp32."""
+
+    def configure_model(self):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        # Linear layers compute in bf16 and hand float32 on (BatchNorm keeps float32 buffers).
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.float32)
+        mesh = self.device_mesh["data_parallel"]
+        for layer in (self.net[0], self.net[3]):
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(self.net, mesh=mesh)
 
 
 def _model_cls(config: str) -> type:
@@ -97,3 +113,10 @@ def resume(out) -> None:
     ref, ref_cbs, resumed, cbs = crash_resume("fsdp2", lambda: [QuantizationAwareTraining(**CONFIGS["lsq"])], out)
     save(out, {"ref": snapshot(ref), "resumed": snapshot(resumed), "ref_state": ref_cbs[0].state_dict(),
                "resumed_state": cbs[0].state_dict(), "ref_locals": _locals(ref), "resumed_locals": _locals(resumed)})
+
+
+def mixed_precision(out) -> None:
+    """LSQ weights and inputs under a bf16 MixedPrecisionPolicy: trains, scales agree across ranks."""
+    cb = SeenShapes(**CONFIGS["lsq"])
+    trainer, model = fit("fsdp2", [cb], model_cls=MixedPrecisionModel)
+    save(out, {"step": trainer.global_step, "seen": cb.seen, "dtypes": cb.dtypes, "locals": _locals(model), "model": snapshot(model)})

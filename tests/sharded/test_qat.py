@@ -13,7 +13,7 @@ from tests.sharded.qat_scenarios import CONFIGS
 
 pytestmark = pytest.mark.slow
 
-SCENARIOS = [*CONFIGS, "resume"]
+SCENARIOS = [*CONFIGS, "resume", "mixed_precision"]
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +89,13 @@ def test_crash_resume_through_dcp_is_bit_exact_including_quantizer_state(results
         close(r["ref_locals"], r["resumed_locals"], "crash-resume: this rank's quantizer tensors", exact=True)
     assert r0["ref_state"] == r0["resumed_state"]
     close(r0["resumed_locals"], r1["resumed_locals"], "resumed: rank 0 vs rank 1", exact=True)
+
+
+def test_bf16_mixed_precision_policy_trains_with_float32_scales_identical_on_every_rank(results):
+    r0, r1 = result(results, "mixed_precision")
+    assert r0["step"] > 0 and r0["seen"]["net.0"] == {("Parameter", (15, 8))}  # FSDP2's bf16 copy, whole
+    assert r0["dtypes"] == {"torch.bfloat16"}
+    scales = {k: v for k, v in r0["locals"].items() if k.endswith("scale")}
+    assert scales and all(v.dtype == torch.float32 and v.isfinite().all() for v in scales.values())
+    close(r0["locals"], r1["locals"], "bf16: rank 0 vs rank 1", exact=True)
+    assert all(v.isfinite().all() for v in r0["model"].values() if v.is_floating_point())
