@@ -217,12 +217,12 @@ def _srigl_sharded(weight: Tensor, grad: Tensor, mask: Tensor, alive: Tensor, dr
 
     def row_sums(x: Tensor) -> Tensor:  # [out], summed over the ranks' parts of every row
         sums = torch.zeros(out, dtype=torch.long, device=alive.device)
-        sums[start:start + length] = x.reshape(length, -1).sum(1).to(alive.device)
+        sums[start:start + length] = x.flatten(1).sum(1).to(alive.device)
         return all_reduce_(sums, group)
 
     def row_top(scores: Tensor, k: int) -> Tensor:  # the k highest of every row, ties by lowest column
         if dim == 0:
-            return _row_top(scores.reshape(length, -1), k).view_as(scores)
+            return _row_top(scores.flatten(1), k).view_as(scores)
         return sharded.select([_like(mask, scores)], [k], per_row=True)[0][0]
 
     def layer_top(scores: Tensor, k: int) -> Tensor:

@@ -24,15 +24,18 @@ scores instead, parameter count x 4 x (w - 1) / w bytes):
   + out rows for each Conv1D rows view. ``allocate`` uniform/erk alone: nothing (shapes only).
 - ``global_floor``: one selection (33) per round of fixing floored layers (usually 1-2).
 - ``prune_masks``: the allocation's selection, then one per-layer selection (33), so 66.
-- LAMP (:func:`lamp_counts`): 1 all-reduce of live counts; an outer bisection over float32
-  score keys in [0, 1] (30 rounds), each an inner bisection over float32 w^2 keys (31 rounds)
-  of one all-reduce of (count, sum) as 2 float64 per layer: 30 x 31 = 930 all-reduces of
-  16 L bytes; then 31 more for the tie split, then the per-layer selection (33).
-  Local work is one local sort per layer (searchsorted per query).
+- LAMP (:func:`lamp_counts`, L layers): 1 all-reduce of L live counts; an outer 16-ary search
+  over the 2^30 float32 score keys in [0, 1] (8 steps of 15 candidate thresholds), each step an
+  inner bisection over float32 w^2 keys (31 rounds) of ONE all-reduce of (count, sum) as 2
+  float64 per (candidate, layer): 8 x 31 = 248 all-reduces of 240 L bytes; then 31 of 32 L
+  bytes for the tie split; then ``prune_masks``' per-layer selection (33). About 310 small
+  all-reduces per event, whatever the layer sizes; local work: one local sort of the rank's
+  weights, then a searchsorted per query.
 - ``drop_and_grow`` (SET, RigL; GraNet's regrowth): 1 all-reduce of active counts + 2
   selections (66), for one layer or (given dicts) all layers of the event at once.
-- ``srigl_update`` (per layer): 4 small all-reduces + 2 layer selections (66) + for a Conv1D
-  rows view (rows split over ranks) 2 per-row selections (66 with P = out rows).
+- ``srigl_update`` (per layer): 3 all-reduces of per-row counts as whole ``[out]`` int64
+  vectors (8 out bytes: active, salient, kept) + 2 layer selections (66); for a Conv1D rows
+  view (every row split over ranks) + 2 per-row selections (66, with P = S = out rows).
 - ``nm_mask`` and ``wanda_score``: nothing (rows or aligned groups are local).
 - ``random_masks``/``fanin_masks``/``random_scores`` with ``like``: nothing; every rank draws
   the whole layer (numel x 4 bytes of transient CPU memory and the time of that draw) and
@@ -56,6 +59,7 @@ from ..distributed import all_reduce_, like, local
 __all__ = ["any_sharded", "float_keys", "lamp_counts", "mesh_of", "nm_local_ok", "select", "shard_span", "sharded_rand"]
 
 ROUNDS = 32  # bisection rounds over the int32 key range
+OUTER = 15  # LAMP thresholds tried per outer step: 8 steps of 31 all-reduces cover [0, 1]'s 2^30 keys
 
 
 def any_sharded(tensors) -> bool:
@@ -218,14 +222,14 @@ def lamp_counts(proxies: list[Tensor], live: list[Tensor] | None, keep: int) -> 
             c_hi = torch.where(ok, stats[..., 0], c_hi)
         return c_hi.long()
 
-    # Largest float32 tau in [0, 1] with at least `keep` scores >= tau (true at tau = 0).
+    # Largest float32 tau in [0, 1] with at least `keep` scores >= tau (true at tau = 0), by a
+    # search that tries OUTER candidates at once: the inner bisections share their all-reduces.
     lo, hi = 0, int(float_keys(torch.tensor(1.0)))
     while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if int(counts(_key_to_float(torch.tensor([mid], device=device))).sum()) >= keep:
-            lo = mid
-        else:
-            hi = mid - 1
+        candidates = sorted({lo + -(-(hi - lo) * (i + 1) // (OUTER + 1)) for i in range(OUTER)})  # in (lo, hi]
+        total = counts(_key_to_float(torch.tensor(candidates, device=device))).sum(1).tolist()
+        lo = max([c for c, n in zip(candidates, total) if n >= keep], default=lo)
+        hi = min([c - 1 for c, n in zip(candidates, total) if n < keep], default=hi)
     at, above = counts(_key_to_float(torch.tensor([lo, lo + 1], device=device)))
     ties = at - above
     missing = keep - int(above.sum())
