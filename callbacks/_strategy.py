@@ -38,10 +38,3 @@ def is_fsdp2(trainer: pl.Trainer) -> bool:
     """Whether the run shards parameters as FSDP2 DTensors (ModelParallelStrategy)."""
     return type(trainer.strategy).__name__ == "ModelParallelStrategy"
 
-
-def refuse_sharded(callback: object, trainer: pl.Trainer) -> None:
-    """``check_strategy``, and a ValueError under FSDP2 for a callback whose sharded support has
-    not landed yet."""
-    check_strategy(callback, trainer)
-    if is_fsdp2(trainer):
-        raise ValueError(f"{type(callback).__name__} does not support ModelParallelStrategy yet; use strategy='ddp'.")

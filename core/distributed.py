@@ -21,7 +21,7 @@ import math
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 __all__ = ["all_reduce_", "check_layout", "full", "group_of", "is_sharded", "like", "local", "row_offset"]
 
@@ -81,9 +81,12 @@ def all_reduce_(tensor: Tensor, group: dist.ProcessGroup | None, op: dist.Reduce
 
 
 def check_layout(name: str, tensor: Tensor) -> None:
-    """ValueError unless ``tensor`` is whole or FSDP2's layout (Shard(0) over a 1-D mesh): tensor
-    parallel placements split rows differently and are not supported."""
-    if isinstance(tensor, DTensor) and (tensor.device_mesh.ndim != 1 or tuple(tensor.placements) != (Shard(0),)):
+    """ValueError unless ``tensor`` is whole, FSDP2's layout (Shard(0) over a 1-D mesh) or
+    replicated over a 1-D mesh (QAT's learned scales): tensor-parallel placements split rows
+    differently and are not supported. (A column-wise tensor-parallel weight on a 1-D mesh is
+    also Shard(0): it cannot be told apart here; docs/distributed.md says tensor_parallel_size=1.)"""
+    if isinstance(tensor, DTensor) and (tensor.device_mesh.ndim != 1
+                                        or tuple(tensor.placements) not in ((Shard(0),), (Replicate(),))):
         raise ValueError(
             f"{name} is laid out as {tuple(tensor.placements)} over a {tensor.device_mesh.ndim}-D mesh; lichtenberg "
             "supports FSDP2's Shard(0) over the data-parallel mesh only (ModelParallelStrategy with tensor_parallel_size=1)."

@@ -43,7 +43,8 @@ class ShardedTinyModel(TinyModel):
         # checkpoint keeps one rank's); DDP broadcasts rank 0's before each forward. Do it after each,
         # so the two strategies and a resumed run hold the same statistics.
         if self.device_mesh is not None:
-            for buffer in self.net[1].buffers():
+            bn = self.net[1]
+            for buffer in (bn.running_mean, bn.running_var, bn.num_batches_tracked):  # not our sharded _ema/_swa
                 torch.distributed.broadcast(buffer, src=0)
 
 

@@ -50,7 +50,7 @@ def _composition():
     from lichtenberg.callbacks import EMA, GradualPruning, QuantizationAwareTraining
     from lichtenberg.core.schedules import SparsitySchedule
 
-    return [GradualPruning(sparsity=0.75, schedule=SparsitySchedule(start=2, end=30, every_n_steps=4), allocation="lamp"),
+    return [GradualPruning(sparsity=0.75, schedule=SparsitySchedule(start=2, end=22, every_n_steps=4), allocation="lamp"),
             QuantizationAwareTraining(weight_bits=4, activation_bits=8, start_step=6), EMA(decay=0.9)]
 
 
