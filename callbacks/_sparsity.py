@@ -30,9 +30,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from ..core.distributed import check_layout, full, is_sharded
+from ..core.distributed import check_layout, is_sharded
 from ..core.sparsity import MaskEngine
-from ..core.sparsity.engine import laid_out_like
 from ..core.targets import Selection, Targets, select_targets
 from ._base import _Base, after_configure_model, overrides
 from ._strategy import check_strategy
@@ -218,33 +217,3 @@ class _Sparsity(_Base):
             pl_module.log(f"{prefix}/sparsity/{name}", value, on_step=True, on_epoch=False)
         return per_layer, total
 
-
-def gathered(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """``fn`` on whole tensors, its tensor results laid out like the first DTensor argument's
-    layer (dicts by name). A fallback for selection functions without DTensor support: it
-    all-gathers, so only at events, never per step."""
-    refs: dict[Any, torch.Tensor] = {}
-
-    def whole(value: Any, key: Any = None) -> Any:
-        if isinstance(value, dict):
-            return {k: whole(v, k) for k, v in value.items()}
-        if isinstance(value, torch.Tensor) and is_sharded(value):
-            refs.setdefault(key, value)
-            return full(value)
-        return value
-
-    args = tuple(whole(a) for a in args)
-    kwargs = {k: whole(v) for k, v in kwargs.items()}
-    out = fn(*args, **kwargs)
-
-    def shard(value: Any, key: Any = None) -> Any:
-        if isinstance(value, dict):
-            return {k: shard(v, k) for k, v in value.items()}
-        if isinstance(value, tuple):
-            return tuple(shard(v, key) for v in value)
-        ref = refs.get(key)
-        if isinstance(value, torch.Tensor) and ref is not None and value.shape == ref.shape:
-            return laid_out_like(ref, value)
-        return value
-
-    return shard(out)

@@ -8,7 +8,7 @@ checkpoint of the run, ``last.ckpt`` included, loads into the plain module.
 
 Under FSDP2 masks and rewind points are DTensor buffers saved by the distributed checkpoint
 (with ``make_permanent`` too: its checkpoints keep the mask buffers, the module is plain at
-the end of fit); SR-STE is refused there (its dense latent weights live in callback state).
+the end of fit), and so are SR-STE's dense latent weights (``<leaf>_latent``).
 """
 
 from __future__ import annotations
@@ -22,13 +22,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ..core.checks import check_bool, check_choice, check_real
 from ..core.distributed import local
-from ..core.layers import as_rows
 from ..core.schedules import SparsitySchedule
 from ..core.sparsity import (
     Allocation,
     InputNorms,
     SRSTE,
-    check_nm,
+    check_sharded_nm,
     gradient_score,
     magnitude_score,
     parse_pattern,
@@ -37,7 +36,7 @@ from ..core.sparsity import (
 )
 from ..core.targets import Selection, Targets
 from ._base import run_length
-from ._sparsity import _Sparsity, gathered
+from ._sparsity import _Sparsity
 from ._summary import format_table
 
 __all__ = ["GradualPruning"]
@@ -142,6 +141,7 @@ class GradualPruning(_Sparsity):
         self._events = 0
         self._layer_final: dict[str, float] | None = None
         self._srste_state: dict[str, torch.Tensor] = {}
+        self._srste_started = False  # FSDP2: whether the `<leaf>_latent` buffers hold latent weights yet
         self._srste = None
 
     @property
@@ -152,7 +152,7 @@ class GradualPruning(_Sparsity):
     def _check(self, selection: Selection) -> None:
         if self.nm is not None:
             for name, param in selection.params.items():
-                check_nm(name, as_rows(param, selection.kinds[name]).shape, self.nm[1])
+                check_sharded_nm(name, param, selection.kinds[name], self.nm[1])  # groups may not straddle shards
         self._layer_final = self._per_layer_targets(selection.params)
 
     def _init_masks(self, trainer: pl.Trainer) -> None:
@@ -160,13 +160,11 @@ class GradualPruning(_Sparsity):
             self._initial = {n: p.detach().clone() for n, p in self.engine.params.items()}
             if self._sharded:  # DTensor shards: DCP restores them, callback state would hold rank 0's
                 self._weight_buffers("rewind", self._initial)
+        if self.sr_ste and self._sharded:  # SR-STE's latent weights, likewise (filled at its first step)
+            self._weight_buffers("latent", {n: p.detach().clone() for n, p in self.engine.params.items()})
 
     def _bind(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super()._bind(trainer, pl_module, stage)
-        if self._sharded and self.sr_ste:
-            raise ValueError(f"sr_ste={self.sr_ste} is not supported under FSDP2 (ModelParallelStrategy): SR-STE's "
-                             "dense latent weights live in callback state, which rank 0 saves alone. Use sr_ste=0 "
-                             "(N:M pruning on the schedule) or strategy='ddp'.")
         if self.make_permanent and not self._sharded:  # checkpoints of this run hold no masks: a resume takes them from our state
             self._load_hook = pl_module.register_load_state_dict_pre_hook(self._keep_masks_missing_from)
 
@@ -201,8 +199,10 @@ class GradualPruning(_Sparsity):
             if len(trainer.optimizers) != 1:
                 raise ValueError(f"sr_ste needs exactly one optimizer, got {len(trainer.optimizers)}: use sr_ste=0.")
             assert self.nm is not None and self.engine is not None
-            self._srste = SRSTE(self.engine, *self.nm, decay=self.sr_ste)
+            latent = self._read_buffers("latent") if self._sharded else None
+            self._srste = SRSTE(self.engine, *self.nm, decay=self.sr_ste, latent=latent)
             self._srste.load_state_dict(self._srste_state)
+            self._srste.started |= self._srste_started
             self._hooks.append(trainer.optimizers[0].register_step_post_hook(lambda *_: self._srste.after_step_()))
 
     # -- training ------------------------------------------------------------------------
@@ -228,7 +228,7 @@ class GradualPruning(_Sparsity):
             self._norms.__exit__()
             norms = {n: trainer.strategy.reduce(v, reduce_op="sum") for n, v in self._norms.norms().items()}
             self._norms = None
-            scores = {n: gathered(wanda_score, engine.rows(n, p), norms[n], getattr(self._modules[n], "groups", 1))
+            scores = {n: wanda_score(engine.rows(n, p), norms[n], getattr(self._modules[n], "groups", 1))
                       if n in norms else magnitude_score(engine.rows(n, p)) for n, p in params.items()}
         elif self.score == "gradient":
             scores = {n: engine.rows(n, gradient_score(p)) for n, p in params.items()}
@@ -239,9 +239,9 @@ class GradualPruning(_Sparsity):
         if self._layer_final is not None:  # explicit per-layer targets follow the schedule's progress
             progress = self.schedule.value(step, 1.0, self._start, self._end)
             layer_targets = {n: progress * final for n, final in self._layer_final.items()}
-            new = gathered(prune_masks, scores, masks, layer_targets, nm=self.nm)
+            new = prune_masks(scores, masks, layer_targets, nm=self.nm)
         else:
-            new = gathered(prune_masks, scores, masks, target, self.allocation, self.nm)
+            new = prune_masks(scores, masks, target, self.allocation, self.nm)
         changed = engine.set_masks_({n: engine.from_rows(n, m) for n, m in new.items()}, trainer.optimizers)
         if self.rewind and self._initial:
             for name, param in params.items():  # shard-local (the rewind point is laid out like the weight)
@@ -263,6 +263,7 @@ class GradualPruning(_Sparsity):
             ignore = set(engine.buffer_names)
             nonzeros = engine.squash_()
             self._drop_buffers("rewind")
+            self._drop_buffers("latent")
             pl_module._ddp_params_and_buffers_to_ignore = [
                 n for n in getattr(pl_module, "_ddp_params_and_buffers_to_ignore", []) if n not in ignore
             ]
@@ -287,6 +288,9 @@ class GradualPruning(_Sparsity):
         latent = self._srste.state_dict() if self._srste is not None else self._srste_state
         initial = {} if self._sharded else dict(self._initial)  # FSDP2: in `<leaf>_rewind` buffers
         state = {"events": self._events, "initial": initial, "sr_ste_latent": latent}
+        if self._sharded:  # the latent weights are in `<leaf>_latent` buffers: say whether they are live
+            state["sr_ste_latent"] = {}
+            state["sr_ste_started"] = self._srste.started if self._srste is not None else self._srste_started
         if self.make_permanent and self.engine is not None and not self._sharded:
             state["masks"] = {n: m.clone() for n, m in self.engine.masks.items()}
         return state
@@ -296,6 +300,10 @@ class GradualPruning(_Sparsity):
         if not self._sharded:
             self._initial = dict(state_dict["initial"])
         self._srste_state = dict(state_dict.get("sr_ste_latent", {}))
+        self._srste_started = bool(state_dict.get("sr_ste_started", False))
+        if self._srste is not None:  # ModelParallelStrategy restores after on_fit_start built it
+            self._srste.load_state_dict(self._srste_state)
+            self._srste.started |= self._srste_started
         if state_dict.get("masks") and self.engine is not None:
             for name, mask in state_dict["masks"].items():
                 self.engine.masks[name].copy_(mask)

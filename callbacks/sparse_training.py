@@ -31,12 +31,13 @@ from ..core.sparsity import (
     magnitude_score,
     prune_masks,
     random_masks,
+    random_scores,
     srigl_update,
 )
-from ..core.sparsity.engine import global_sums, laid_out_like
+from ..core.sparsity.engine import global_sums
 from ..core.targets import Targets
 from ._base import never_acts, run_length
-from ._sparsity import _Sparsity, gathered
+from ._sparsity import _Sparsity
 from ._summary import format_table
 
 __all__ = ["DynamicSparseTraining"]
@@ -144,11 +145,11 @@ class DynamicSparseTraining(_Sparsity):
             else:
                 densities = {n: 1.0 - start for n in shapes}
             draw = fanin_masks if self.method == "srigl" else random_masks
-            masks = draw(shapes, densities, self._generator)
+            masks = draw(shapes, densities, self._generator, like=rows)  # drawn whole, each rank keeps its rows
             # a model that already carries sparse masks (a second fit, a sparse checkpoint) keeps them;
             # all-ones masks (new, or attached by a validate before this fit) are drawn
             dense = [n for n, k in engine.kept().items() if k == engine.masks[n].numel()]
-            engine.set_masks_({n: engine.from_rows(n, masks[n]) for n in dense})  # each rank keeps its rows
+            engine.set_masks_({n: engine.from_rows(n, masks[n]) for n in dense})
         self._ever = {n: m.clone() for n, m in engine.masks.items()}
         if self._sharded:  # DTensor shards: DCP restores them, callback state would hold rank 0's
             self._weight_buffers("ever", self._ever)
@@ -194,24 +195,24 @@ class DynamicSparseTraining(_Sparsity):
         new = dict(masks)
         if self.method == "granet":
             target = self.schedule.value(step, self.sparsity, self._first, self._end)
-            new = gathered(prune_masks, {n: magnitude_score(p) for n, p in params.items()}, masks, target, "global")
+            new = prune_masks({n: magnitude_score(p) for n, p in params.items()}, masks, target, "global")
         kept = dict(zip(new, global_sums(list(new.values()))))  # one all-reduce for all layers
+        grow: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
         for name, param in params.items():
             grad = param.grad if param.grad is not None else torch.zeros_like(param)
             if self.method == "srigl":  # constant fan-in: along the inputs of [out, in, ...] rows
-                mask, self._alive[name] = gathered(srigl_update, engine.rows(name, param), engine.rows(name, grad),
+                mask, self._alive[name] = srigl_update(engine.rows(name, param), engine.rows(name, grad),
                                                        engine.rows(name, masks[name]), self._alive[name], fraction,
                                                        self.gamma)
                 new[name] = engine.from_rows(name, mask)
                 continue
             n = round(fraction * kept[name])
-            if n == 0:
-                continue
-            if self.method == "set":  # the whole draw on every rank (identical), each keeps its rows
-                scores = laid_out_like(param, torch.rand(param.shape, generator=self._generator))
-            else:
-                scores = growth_scores(grad)
-            new[name] = gathered(drop_and_grow, param, new[name], n, scores)
+            if n:  # SET: the whole draw on every rank (identical), each keeps its rows
+                grow[name] = random_scores(param, self._generator) if self.method == "set" else growth_scores(grad)
+                counts[name] = n
+        if counts:  # all layers at once: one set of collectives per update under FSDP2
+            new.update(drop_and_grow({n: params[n] for n in counts}, {n: new[n] for n in counts}, counts, grow))
         active = sum(engine.kept().values())
         changed = engine.set_masks_(new, trainer.optimizers)
         for name, mask in masks.items():

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..distributed import like, local
+from ..distributed import local
 from .engine import MaskEngine
 from .masks import nm_mask
 
@@ -40,16 +40,25 @@ class SRSTE:
         decay: lambda of the sparse-refined term; the paper uses 2e-4.
     """
 
-    def __init__(self, engine: MaskEngine, n: int, m: int, decay: float) -> None:
+    def __init__(self, engine: MaskEngine, n: int, m: int, decay: float,
+                 latent: dict[str, Tensor] | None = None) -> None:
         self.engine, self.n, self.m, self.decay = engine, n, m, decay
-        self.latent: dict[str, Tensor] = {}
+        # where the latent weights live: given tensors (FSDP2: DTensor buffers that the distributed
+        # checkpoint shards), else copies made at the first step
+        self.latent: dict[str, Tensor] = dict(latent or {})
+        self.started = False
 
     @torch.no_grad()
     def before_step_(self) -> None:
         """Put the dense latent weights back and add the decay on pruned slots to their gradients."""
         params, masks = self.engine.params, self.engine.masks
-        if not self.latent:  # first step: the parameters are still dense
-            self.latent = {n: p.detach().clone() for n, p in params.items()}
+        if not self.started:  # first step: the parameters are still dense
+            if self.latent:
+                for name, p in params.items():
+                    local(self.latent[name]).copy_(local(p.detach()))
+            else:
+                self.latent = {n: p.detach().clone() for n, p in params.items()}
+            self.started = True
             for name, p in params.items():
                 local(masks[name]).copy_(local(self._nm(name, p)))
         else:  # shard-local throughout (DTensor shards under FSDP2; the tensors themselves otherwise)
@@ -64,7 +73,7 @@ class SRSTE:
     @torch.no_grad()
     def after_step_(self) -> None:
         """Keep the stepped dense weights as latent, recompute the N:M masks, sparsify the parameters."""
-        if not self.latent:  # a step before SR-STE started
+        if not self.started:  # a step before SR-STE started
             return
         for name, p in self.engine.params.items():
             local(self.latent[name]).copy_(local(p.detach()))
@@ -77,8 +86,12 @@ class SRSTE:
         return self.engine.from_rows(name, nm_mask(rows, self.n, self.m))
 
     def state_dict(self) -> dict[str, Tensor]:
-        return dict(self.latent)
+        """The latent weights once started (empty before)."""
+        return dict(self.latent) if self.started else {}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.latent = {n: like(self.engine.params[n], t.to(local(self.engine.params[n]).device).clone())
-                       for n, t in state.items()}
+        """Restore latent weights saved by :meth:`state_dict` (whole tensors; DTensor buffers are
+        restored with the model instead, see ``started``)."""
+        if state:
+            self.latent = {n: t.to(self.engine.params[n].device).clone() for n, t in state.items()}
+            self.started = True

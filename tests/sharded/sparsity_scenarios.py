@@ -152,13 +152,16 @@ def resume_rigl(out):
     _resume(_dst("rigl"), out)
 
 
-def refused_sr_ste(out):
-    try:
-        fit("fsdp2", [GradualPruning(sparsity=0.5, pattern="2:4", sr_ste=2e-4, targets=Targets(include=["net.0"]))])
-    except ValueError as err:
-        save(out, {"error_message": str(err)})
-    else:
-        save(out, {"error_message": None})
+def _srste():
+    return GradualPruning(sparsity=0.5, pattern="2:4", sr_ste=2e-4, targets=Targets(include=["net.0"]))
+
+
+def pruning_srste(out):
+    _compare(_srste, out)
+
+
+def resume_srste(out):
+    _resume(_srste, out)
 
 
 class RMSpropModel(ShardedTinyModel):
@@ -233,5 +236,5 @@ def no_gather_between_events(out):
 
 
 SCENARIOS = ["pruning_global", "pruning_lamp", "pruning_erk", "pruning_uniform", "pruning_nm", "pruning_permanent",
-             "dst_set", "dst_rigl", "dst_srigl", "dst_granet", "resume_pruning_lamp", "resume_rigl", "refused_sr_ste",
+             "dst_set", "dst_rigl", "dst_srigl", "dst_granet", "resume_pruning_lamp", "resume_rigl", "pruning_srste", "resume_srste",
              "no_gather_between_events"]

@@ -117,6 +117,7 @@ def test_crash_resume_through_dcp_is_bit_exact(results, name):
     for key, x in r0["ref"].items():
         assert x.dtype == r0["resumed"][key].dtype and torch.equal(x, r0["resumed"][key]), f"{key} differs"
     buffers = ("_mask", "_rewind") if name == "resume_pruning_lamp" else ("_mask", "_ever")
+    assert f"state_dict.net.0.weight{buffers[1]}" in r0["dcp_keys"]
     for suffix in buffers:  # saved sharded by DCP, not in the callback state rank 0 writes
         assert {f"state_dict.net.0.weight{suffix}", f"state_dict.net.3.weight{suffix}"} <= set(r0["dcp_keys"])
     state, ref = r0["state"], r0["ref_state"]
@@ -135,9 +136,18 @@ def _flat(state: dict, prefix: str = "") -> dict:
     return out
 
 
-def test_sr_ste_is_refused_under_fsdp2(results):
-    (r0, _) = result(results, "refused_sr_ste")
-    assert r0["error_message"] and "sr_ste" in r0["error_message"] and "ddp" in r0["error_message"]
+def test_sr_ste_fsdp2_equals_ddp_and_resumes_bit_exact(results):
+    r0, _ = result(results, "pruning_srste")
+    _same_run(r0, masks=("net.0.weight_mask",))
+    assert "net.0.weight_latent" in r0["fsdp2"]["buffers"] and "net.0.weight_latent" not in r0["ddp"]["buffers"]
+    groups = r0["fsdp2"]["model"]["net.0.weight_mask"].reshape(15, 2, 4)
+    assert (groups.sum(-1) == 2).all()
+    r0, r1 = result(results, "resume_srste")
+    for key, x in r0["ref"].items():
+        assert torch.equal(x, r0["resumed"][key]), f"{key} differs"
+    assert {"state_dict.net.0.weight_latent", "state_dict.net.0.weight_mask"} <= set(r0["dcp_keys"])
+    assert r0["state"]["sr_ste_started"] is True and r0["state"]["sr_ste_latent"] == {}
+    assert r1["state"]["sr_ste_started"] is True
 
 
 def test_no_gather_or_host_sync_between_events(results):
