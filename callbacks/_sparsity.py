@@ -30,7 +30,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from ..core.distributed import check_layout, is_sharded
+from ..core.distributed import check_layout, is_sharded, local
 from ..core.sparsity import MaskEngine
 from ..core.targets import Selection, Targets, select_targets
 from ._base import _Base, after_configure_model, overrides
@@ -64,6 +64,7 @@ class _Sparsity(_Base):
         self._start = 0  # gradients are masked from this optimizer step on
         self._mask_before_clip = False
         self._sharded = False  # FSDP2: per-weight state lives in module buffers (see _weight_buffers)
+        self._on_meta = False  # bound to meta-device weights that the strategy materialises after binding
 
     # -- subclass hooks ----------------------------------------------------------------------
     def _check(self, selection: Selection) -> None:
@@ -71,6 +72,10 @@ class _Sparsity(_Base):
 
     def _init_masks(self, trainer: pl.Trainer) -> None:
         """Initial masks for a fit (targets may carry masks already); a resume overwrites them."""
+
+    def _rebind_values(self, trainer: pl.Trainer) -> None:
+        """Bound to meta-device weights: start again from the materialised ones (before a restore)."""
+        self._init_masks(trainer)
 
     def _resolve(self, trainer: pl.Trainer) -> None:
         """Turn the schedule into optimizer steps; ValueError for settings that would never act."""
@@ -107,6 +112,7 @@ class _Sparsity(_Base):
         for target, param in selection.params.items():
             check_layout(target, param)
         self._sharded = any(is_sharded(p) for p in selection.params.values())
+        self._on_meta = stage == "fit" and any(local(p).is_meta for p in selection.params.values())
         self._check(selection)
         name = type(self).__name__
         mine = {id(p): n for n, p in selection.params.items()}
@@ -125,7 +131,7 @@ class _Sparsity(_Base):
         self._modules = selection.modules
         ignored = set(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", ()))
         pl_module._ddp_params_and_buffers_to_ignore = sorted(ignored | set(self.engine.buffer_names))
-        if stage == "fit":
+        if stage == "fit" and not self._on_meta:  # meta weights: once materialised, in on_fit_start
             self._init_masks(trainer)
 
     def _weight_buffers(self, suffix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -160,6 +166,11 @@ class _Sparsity(_Base):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.engine is not None
         self.engine.rebind_()  # moving the module to its device replaced the buffers
+        if self._on_meta:  # materialised since binding (to_empty): what was bound holds no values yet
+            self._on_meta = False
+            for mask in self.engine.masks.values():
+                local(mask).fill_(True)
+            self._rebind_values(trainer)
         self._resolve(trainer)
         self._mask_before_clip = bool(trainer.gradient_clip_val) or overrides(pl_module, "configure_gradient_clipping")
         own = {id(p): n for n, p in self.engine.params.items()}

@@ -157,6 +157,10 @@ class DynamicSparseTraining(_Sparsity):
         density = {n: f"{k / engine.masks[n].numel():.3f}" for n, k in engine.kept().items()}
         rank_zero_info(f"DynamicSparseTraining: {self.method}, initial densities {density}.")
 
+    def _rebind_values(self, trainer: pl.Trainer) -> None:
+        self._generator = self._new_generator(None)  # the draws a run bound to real weights makes
+        super()._rebind_values(trainer)
+
     def _resolve(self, trainer: pl.Trainer) -> None:
         self._first, self._end = self.schedule.resolve(run_length(trainer), squeeze=bool(trainer.fast_dev_run))
         every = self.schedule.every_n_steps
@@ -267,5 +271,8 @@ class DynamicSparseTraining(_Sparsity):
         self._generator.set_state(state_dict["generator"])
         self._updates, self._churn = int(state_dict["updates"]), float(state_dict["churn"])
         self._alive = dict(state_dict["alive"])
+        if self.engine is not None and self.engine.params:  # ModelParallelStrategy restores after on_fit_start
+            device = local(next(iter(self.engine.params.values()))).device
+            self._alive = {n: t.to(device) for n, t in self._alive.items()}
         if not self._sharded:
             self._ever = dict(state_dict["ever"])

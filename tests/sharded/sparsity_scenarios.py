@@ -238,3 +238,24 @@ def no_gather_between_events(out):
 SCENARIOS = ["pruning_global", "pruning_lamp", "pruning_erk", "pruning_uniform", "pruning_nm", "pruning_permanent",
              "dst_set", "dst_rigl", "dst_srigl", "dst_granet", "resume_pruning_lamp", "resume_rigl", "pruning_srste", "resume_srste",
              "no_gather_between_events"]
+
+
+class MetaModel(ShardedTinyModel):
+    """Built on the meta device: FSDP2 shards it in configure_model, where the callbacks bind, and
+    Lightning materialises it afterwards (``to_empty`` + ``reset_parameters``)."""
+
+    def __init__(self, lr: float = 0.1):
+        with torch.device("meta"):
+            super().__init__(lr)
+
+
+def meta_init(out):
+    result = {}
+    for name, cb in (("pruning", _pruning("lamp", rewind=True)()), ("dst", _dst("rigl")())):
+        trainer, model = fit("fsdp2", [cb], model_cls=MetaModel)
+        extra = {"events": cb._events} if name == "pruning" else {"updates": cb._updates, "itop": cb.itop}
+        result[name] = {"model": snapshot(model), "kept": cb.engine.kept(), **extra}
+    save(out, result)
+
+
+SCENARIOS.append("meta_init")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lichtenberg.core.sparsity import erk_densities
 from tests.sharded.launch import launch, result
 from tests.sharded.sparsity_scenarios import SCENARIOS
 
@@ -157,3 +158,22 @@ def test_no_gather_or_host_sync_between_events(results):
         assert r["hooks"] > 2 * r["steps"], "the per-step hooks ran"
         assert r["calls"] == {}, f"collectives or host syncs in the per-step path: {r['calls']}"
         assert r["at_events"].get("all_reduce", 0) > 0 and r["at_events"].get("tolist", 0) > 0, "the patch counts"
+
+
+def test_bound_to_meta_weights_starts_from_the_materialised_ones(results):
+    r0, r1 = result(results, "meta_init")
+    for name in ("pruning", "dst"):
+        model = r0[name]["model"]
+        assert all(torch.isfinite(v.float()).all() for v in model.values()), name
+        masks = {k: v for k, v in model.items() if k.endswith("_mask")}
+        if name == "pruning":  # LAMP: global and exact
+            assert sum(int(m.sum()) for m in masks.values()) == round(0.25 * sum(m.numel() for m in masks.values()))
+        else:  # ERK densities per layer, as drawn at the start
+            densities = erk_densities({k: m.shape for k, m in masks.items()}, 0.25)
+            assert all(int(m.sum()) == round(densities[k] * m.numel()) for k, m in masks.items())
+        for key, mask in masks.items():
+            assert (model[key[: -len("_mask")]][~mask] == 0).all(), key
+        assert r0[name]["kept"] == r1[name]["kept"]
+    assert r0["pruning"]["events"] > 1 and r0["dst"]["updates"] > 1
+    rewind = r0["pruning"]["model"]["net.0.weight_rewind"]
+    assert rewind.abs().sum() > 0 and torch.isfinite(rewind).all()
