@@ -15,8 +15,10 @@ Run from the repository root: ``python -m benchmarks.sharded`` (``--quick`` for 
 
 from __future__ import annotations
 
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,16 +105,17 @@ class Probe(Callback):
     def on_train_batch_end(self, trainer, pl_module, *args):
         if trainer.global_step < STEPS:
             return
-        params = {local(p).untyped_storage().data_ptr() for p in pl_module.parameters()}
+        params = {local(p).untyped_storage().data_ptr() for n, p in pl_module.named_parameters() if "_quantizer." not in n}
         held: dict[int, int] = {}
         _storages(self.target, set(), held)
         for name, t in pl_module.state_dict(keep_vars=True).items():  # what it registered in the model
-            if name.endswith(("_mask", "_ema", "_swa", "_rewind")) or "_quantizer." in name:
+            if name.endswith(("_mask", "_ema", "_swa", "_rewind", "_ever", "_latent")) or "_quantizer." in name:
                 storage = local(t).untyped_storage()
                 held[storage.data_ptr()] = storage.nbytes()
-        full = sum(p.numel() * p.element_size() for p in pl_module.parameters())
+        own = [p for n, p in pl_module.named_parameters() if "_quantizer." not in n]
+        full = sum(p.numel() * p.element_size() for p in own)
         self.result = {"held_bytes": sum(v for k, v in held.items() if k not in params), "param_bytes_full": full,
-                       "param_bytes_local": sum(local(p).untyped_storage().nbytes() for p in pl_module.parameters())}
+                       "param_bytes_local": sum(local(p).untyped_storage().nbytes() for p in own)}
 
 
 def memory(out: Path) -> None:
@@ -134,11 +137,115 @@ def memory(out: Path) -> None:
     save(out, result)
 
 
+class Counted:
+    """Counts calls and payload bytes of torch.distributed's collectives while active."""
+
+    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter_tensor")
+
+    def __enter__(self) -> "Counted":
+        import torch.distributed as dist
+
+        self.calls, self.bytes, self._saved = 0, 0, {n: getattr(dist, n) for n in self.NAMES}
+
+        def wrap(fn):
+            def counted(tensor, *args, **kwargs):
+                self.calls += 1
+                first = args[0] if fn.__name__ == "all_gather_into_tensor" else tensor  # the input is the 2nd arg
+                items = first if isinstance(first, list) else [first]
+                self.bytes += sum(t.numel() * t.element_size() for t in items if isinstance(t, torch.Tensor))
+                return fn(tensor, *args, **kwargs)
+            return counted
+
+        for n, fn in self._saved.items():
+            setattr(dist, n, wrap(fn))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch.distributed as dist
+
+        for n, fn in self._saved.items():
+            setattr(dist, n, fn)
+
+
+def _rules(weights: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
+           drop: dict[str, int]):
+    """name -> a callable running one event of that rule on these (sharded or whole) tensors."""
+    from lichtenberg.core.sparsity import prune_masks
+    from lichtenberg.core.sparsity.dst import drop_and_grow, growth_scores, random_scores, srigl_update
+
+    scores = {n: w.abs() for n, w in weights.items()}
+    rules = {f"prune {a}": (lambda a=a: prune_masks(scores, masks, 0.9, allocation=a))
+             for a in ("uniform", "erk", "global", "global_floor", "lamp")}
+    rules["prune 2:4"] = lambda: prune_masks(scores, masks, 0.5, nm=(2, 4))
+    rules["RigL event"] = lambda: drop_and_grow(weights, masks, drop, {n: growth_scores(g) for n, g in grads.items()})
+    rules["SET event"] = lambda: drop_and_grow(
+        weights, masks, drop, {n: random_scores(w, torch.Generator().manual_seed(0)) for n, w in weights.items()})
+    alive = {n: torch.ones(w.shape[0], dtype=torch.bool) for n, w in weights.items()}
+    rules["SRigL event"] = lambda: [srigl_update(weights[n], grads[n], masks[n], alive[n], 0.3, 0.3) for n in weights]
+    return rules
+
+
+def communication(out: Path) -> None:
+    """Every rule once on whole tensors (reference) and on shards; collectives counted and timed."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lichtenberg.core.distributed import full
+    from lichtenberg.core.sparsity import topk_mask
+    from tests.sharded.common import save
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    g = torch.Generator().manual_seed(0)
+    whole = {f"net.{i}.weight": torch.randn(b, a, generator=g) for i, (a, b) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:]))}
+    grads = {n: torch.randn(w.shape, generator=g) for n, w in whole.items()}
+    masks = {n: topk_mask(w.abs(), w.numel() // 5) for n, w in whole.items()}  # 80% sparse, as mid-training
+    shard = lambda d: {n: distribute_tensor(t, mesh, [Shard(0)]) for n, t in d.items()}  # noqa: E731
+    numel = sum(w.numel() for w in whole.values())
+    result: dict[str, Any] = {"numel": numel, "gather_bytes": numel * 4 * (mesh.size() - 1) / mesh.size()}
+    drop = {n: int(0.3 * int(m.sum())) for n, m in masks.items()}  # RigL/SET: drop 30% of each layer's active
+    sharded_rules = _rules(shard(whole), shard(grads), shard(masks), drop)
+    for name, run_whole in _rules(whole, grads, masks, drop).items():
+        times = []
+        for _ in range(3):
+            dist.barrier()
+            with Counted() as counted:
+                t0 = time.perf_counter()
+                got = sharded_rules[name]()
+                times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ref = run_whole()
+        whole_s = time.perf_counter() - t0
+        flat = lambda r: r if isinstance(r, dict) else {str(i): x for i, x in enumerate(r)}  # noqa: E731
+        got, ref = flat(got), flat(ref)
+        same = all(torch.equal(full(a[0] if isinstance(a, tuple) else a).cpu(), b[0] if isinstance(b, tuple) else b)
+                   for a, b in zip(got.values(), ref.values()))
+        result[name] = {"calls": counted.calls, "bytes": counted.bytes, "sharded_s": statistics.median(times),
+                        "whole_s": whole_s, "equal": same}
+    # The alternative: gather every layer's scores to every rank (then select locally).
+    sharded_scores = shard({n: w.abs() for n, w in whole.items()})
+    times = []
+    for _ in range(3):
+        dist.barrier()
+        with Counted() as counted:
+            t0 = time.perf_counter()
+            for t in sharded_scores.values():
+                t.full_tensor()
+            times.append(time.perf_counter() - t0)
+    # full_tensor runs functional collectives, which Counted does not see: one all-gather per layer.
+    result["gather all scores"] = {"calls": len(sharded_scores), "bytes": result["gather_bytes"],
+                                   "sharded_s": statistics.median(times)}
+    save(out, result)
+
+
 def run(quick: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        got = launch("benchmarks.sharded", ["memory"], Path(tmp))
+        got = launch("benchmarks.sharded", ["memory", "communication"], Path(tmp))
     ranks = got["memory"]
-    return {"memory": {k: [r[k] for r in ranks] for k in ranks[0]}, "widths": WIDTHS, "steps": STEPS}
+    return {"memory": {k: [r[k] for r in ranks] for k in ranks[0]}, "communication": got["communication"][0],
+            "widths": WIDTHS, "steps": STEPS}
 
 
 def render(results: dict[str, Any]) -> str:
@@ -151,9 +258,24 @@ def render(results: dict[str, Any]) -> str:
                      " / ".join(f"{h / full:.3f}" for h in held)])
     table = harness.markdown_table(["callback", "strategy", "parameters (MiB, full)", "held per rank (MiB, rank 0 / 1)",
                                     "held / full parameter bytes"], rows)
-    return ("## Sharded runs: per-rank memory of each callback, DDP vs FSDP2\n\n"
-            f"A {sum(a * b + b for a, b in zip(results['widths'][:-1], results['widths'][1:])) / 1e6:.1f}M-parameter MLP, "
-            "2 processes (gloo), after a few steps with each callback.\n\n" + table)
+    comm = results["communication"]
+    crow = []
+    for name, r in comm.items():
+        if not isinstance(r, dict):
+            continue
+        crow.append([name, r["calls"], f"{r['bytes'] / 2**10:.1f}", f"{r['bytes'] / comm['gather_bytes']:.2e}",
+                     f"{r['sharded_s'] * 1e3:.0f}", f"{r['whole_s'] * 1e3:.0f}" if "whole_s" in r else "",
+                     {True: "yes", False: "NO"}.get(r.get("equal"), "")])
+    ctable = harness.markdown_table(["event (90% sparsity, 4 layers)", "collectives", "payload KiB per rank",
+                                     "/ gathering the scores", "sharded ms (median of 3)", "one process, whole (ms)",
+                                     "mask = whole-tensor mask"], crow)
+    params = sum(a * b + b for a, b in zip(results["widths"][:-1], results["widths"][1:])) / 1e6
+    return ("## Sharded runs: per-rank memory of each callback and what mask selection communicates\n\n"
+            f"A {params:.1f}M-parameter MLP (Linear {' -> '.join(map(str, results['widths']))}), 2 processes (gloo, "
+            "CPU). Memory: every tensor each callback holds on a rank after a few steps, parameters excluded.\n\n"
+            + table + "\n\nCommunication: one event of each selection rule on the same weights as FSDP2 shards, "
+            f"collectives counted; gathering the float32 scores instead receives {comm['gather_bytes'] / 2**20:.1f} MiB "
+            "per rank (last row: that gather, timed).\n\n" + ctable)
 
 
 def plot(results: dict[str, Any], path: Path) -> None:

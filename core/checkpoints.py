@@ -35,7 +35,7 @@ from torch import Tensor
 __all__ = ["load_checkpoint", "plain_state_dict"]
 
 _QUANTIZER_PARTS = (".weight_quantizer.", ".input_quantizer.")
-_BESIDE = {"_mask": None, "_ema": "EMA", "_swa": "SWA", "_rewind": None}  # per-weight state kept as buffers
+_BESIDE = {"_mask": None, "_ema": "EMA", "_swa": "SWA", "_rewind": None, "_ever": None, "_latent": None}  # kept beside weights
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -143,9 +143,18 @@ def select(pieces: list[Tensor], ks: list[int], problems: list[int] | None = Non
     # Largest key t with count(key >= t) >= k: the invariant holds at the lowest key (k <= size).
     lo = torch.full((n_prob,), -2**31, dtype=torch.long, device=device)
     hi = torch.full((n_prob,), 2**31 - 1, dtype=torch.long, device=device)
+    # Problems of whole pieces are contiguous runs of keys: count each with its scalar threshold
+    # (one compare-and-sum pass per round), instead of gathering a threshold per element.
+    runs = None if per_row else torch.tensor([s.numel() for s in slabs]).split(
+        torch.bincount(torch.tensor(problems), minlength=n_prob).tolist())
+    spans = None if runs is None else [int(r.sum()) for r in runs]
     for _ in range(ROUNDS):
         mid = lo + (hi - lo + 1) // 2
-        count = all_reduce_(torch.bincount(pid[keys >= mid[pid]], minlength=n_prob), group)
+        if spans is None:
+            local_count = torch.bincount(pid[keys >= mid[pid]], minlength=n_prob)
+        else:
+            local_count = torch.stack([(part >= m).sum() for part, m in zip(keys.split(spans), mid)])
+        count = all_reduce_(local_count, group)
         ok = count >= k
         lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid - 1)
     above, tie = keys > lo[pid], keys == lo[pid]
