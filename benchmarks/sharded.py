@@ -15,6 +15,7 @@ Run from the repository root: ``python -m benchmarks.sharded`` (``--quick`` for 
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import tempfile
@@ -40,6 +41,11 @@ from tests.sharded.launch import launch
 __all__ = ["main", "run"]
 
 WIDTHS = (512, 2048, 2048, 2048, 10)  # 9.5M parameters
+QUICK_WIDTHS = (32, 64, 64, 10)  # --quick: the same code paths in seconds (read by both ranks from the env)
+
+
+def _widths() -> tuple[int, ...]:
+    return QUICK_WIDTHS if os.environ.get("LICHTENBERG_BENCH_QUICK") else WIDTHS
 STEPS = 4
 CALLBACKS = {  # name -> factory (fresh instance per fit)
     "EMA": lambda: EMA(decay=0.99),
@@ -51,8 +57,9 @@ CALLBACKS = {  # name -> factory (fresh instance per fit)
 
 
 class Wide(L.LightningModule):
-    def __init__(self, widths: tuple[int, ...] = WIDTHS):
+    def __init__(self, widths: tuple[int, ...] | None = None):
         super().__init__()
+        widths = widths or _widths()
         layers: list[nn.Module] = []
         for a, b in zip(widths[:-1], widths[1:]):
             layers += [nn.Linear(a, b), nn.ReLU()]
@@ -122,7 +129,8 @@ def memory(out: Path) -> None:
     from tests.sharded.common import save, strategy
 
     g = torch.Generator().manual_seed(0)
-    ds = TensorDataset(torch.randn(32 * STEPS * 2, WIDTHS[0], generator=g), torch.randint(0, 10, (32 * STEPS * 2,), generator=g))
+    ds = TensorDataset(torch.randn(32 * STEPS * 2, _widths()[0], generator=g),
+                       torch.randint(0, 10, (32 * STEPS * 2,), generator=g))
     result: dict[str, dict[str, Any]] = {}
     for name, make in CALLBACKS.items():
         for kind in ("ddp", "fsdp2"):
@@ -199,7 +207,8 @@ def communication(out: Path) -> None:
         dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     g = torch.Generator().manual_seed(0)
-    whole = {f"net.{i}.weight": torch.randn(b, a, generator=g) for i, (a, b) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:]))}
+    widths = _widths()
+    whole = {f"net.{i}.weight": torch.randn(b, a, generator=g) for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))}
     grads = {n: torch.randn(w.shape, generator=g) for n, w in whole.items()}
     masks = {n: topk_mask(w.abs(), w.numel() // 5) for n, w in whole.items()}  # 80% sparse, as mid-training
     shard = lambda d: {n: distribute_tensor(t, mesh, [Shard(0)]) for n, t in d.items()}  # noqa: E731
@@ -241,11 +250,13 @@ def communication(out: Path) -> None:
 
 
 def run(quick: bool) -> dict[str, Any]:
+    if quick:
+        os.environ["LICHTENBERG_BENCH_QUICK"] = "1"  # the ranks inherit it
     with tempfile.TemporaryDirectory() as tmp:
         got = launch("benchmarks.sharded", ["memory", "communication"], Path(tmp))
     ranks = got["memory"]
     return {"memory": {k: [r[k] for r in ranks] for k in ranks[0]}, "communication": got["communication"][0],
-            "widths": WIDTHS, "steps": STEPS}
+            "widths": QUICK_WIDTHS if quick else WIDTHS, "steps": STEPS}
 
 
 def render(results: dict[str, Any]) -> str:
@@ -294,7 +305,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     harness.main("sharded", run, render, plot, "per-rank memory of each callback, DDP vs FSDP2", argv,
-                 quick="the same (it is short)", threads=1)
+                 quick="a 7K-parameter MLP", threads=1)
 
 
 if __name__ == "__main__":
