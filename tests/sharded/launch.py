@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["launch", "result"]
+__all__ = ["launch", "launch_all", "result"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,7 +64,16 @@ def launch(module: str, names: list[str], out: Path, world: int = 2, timeout: fl
     if any(codes):
         tails = "\n".join(f"--- rank {r} (exit {c}) ---\n" + logs[r].read_text()[-6000:] for r, c in enumerate(codes))
         raise AssertionError(f"sharded scenarios failed:\n{tails}")
-    return {n: [torch.load(out / n / f"rank{r}.pt", weights_only=False) for r in range(world)] for n in names}
+    return {n: [torch.load(out / n.replace(":", "-") / f"rank{r}.pt", weights_only=False) for r in range(world)]
+            for n in names}
+
+
+def launch_all(modules: dict[str, list[str]], out: Path) -> dict[str, dict[str, list]]:
+    """``launch`` for scenarios of several modules at once (one process start for all):
+    ``{module: [names]}`` -> ``{module: {name: per-rank results}}``."""
+    flat = [f"{m}:{n}" for m, names in modules.items() for n in names]
+    got = launch("-", flat, out) if flat else {}
+    return {m: {n: got[f"{m}:{n}"] for n in names} for m, names in modules.items()}
 
 
 def result(results: dict[str, list], name: str) -> list:
@@ -76,12 +85,14 @@ def result(results: dict[str, list], name: str) -> list:
 
 
 def _main(module: str, out: str, *names: str) -> None:
-    scenarios = importlib.import_module(module if "." in module else f"tests.sharded.{module}")
-    for name in names:
-        path = Path(out) / name
+    for name in names:  # "name" (in ``module``) or "other_module:name"
+        where, _, scenario = name.rpartition(":")
+        where = where or module
+        scenarios = importlib.import_module(where if "." in where else f"tests.sharded.{where}")
+        path = Path(out) / name.replace(":", "-")
         path.mkdir(parents=True, exist_ok=True)
         try:
-            getattr(scenarios, name)(path)
+            getattr(scenarios, scenario)(path)
         except Exception:  # both ranks usually fail alike (a ValueError at setup): go on to the next
             traceback.print_exc()
             torch.save({"error": traceback.format_exc()}, path / f"rank{os.environ['RANK']}.pt")

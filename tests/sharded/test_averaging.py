@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.sharded.launch import launch, result
+from tests.sharded.launch import result
 
 pytestmark = pytest.mark.slow
 
@@ -19,9 +19,13 @@ NAMES = ["EMA", "SWA"]
 PARAMS = ["net.0.weight", "net.0.bias", "net.1.weight", "net.1.bias", "net.3.weight", "net.3.bias"]
 
 
+def scenarios(items):
+    return "averaging_scenarios", SCENARIOS
+
+
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    return launch("averaging_scenarios", SCENARIOS, tmp_path_factory.mktemp("averaging"))
+def results(sharded_results):
+    return sharded_results["averaging_scenarios"]
 
 
 def close(a: dict, b: dict, what: str, **tol) -> None:

@@ -10,22 +10,24 @@ import pytest
 import torch
 
 from tests.cases import CASES, flat_state
-from tests.sharded.launch import launch, result
+from tests.sharded.launch import result
 
 pytestmark = pytest.mark.slow
 
 NAMES = [c.name for c in CASES]
 
 
+def scenarios(items):
+    """The selected cases only (``-k EMA`` runs the baseline and EMA's scenario)."""
+    wanted = {item.callspec.params["name"] for item in items if hasattr(item, "callspec") and "name" in item.callspec.params}
+    names = ["plain"] + [f"case_{n}" for n in NAMES if n in wanted]
+    names += [s for s in ("composition", "data_parallel_mesh") if any(i.name.startswith(f"test_{s}") for i in items)]
+    return "contract_scenarios", names
+
+
 @pytest.fixture(scope="module")
-def results(request, tmp_path_factory):
-    wanted = {item.callspec.params["name"] for item in request.session.items
-              if item.module.__name__ == __name__ and hasattr(item, "callspec") and "name" in item.callspec.params}
-    scenarios = ["plain"] + [f"case_{n}" for n in NAMES if n in wanted]
-    for scenario in ("composition", "data_parallel_mesh"):
-        if any(item.name.startswith(f"test_{scenario}") for item in request.session.items):
-            scenarios.append(scenario)
-    return launch("contract_scenarios", scenarios, tmp_path_factory.mktemp("contract"))
+def results(sharded_results):
+    return sharded_results["contract_scenarios"]
 
 
 def same(a: dict, b: dict, what: str, exact: bool = True, keys=None) -> None:

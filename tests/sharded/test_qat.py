@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.sharded.launch import launch, result
+from tests.sharded.launch import result
 from tests.sharded.qat_scenarios import CONFIGS
 
 pytestmark = pytest.mark.slow
@@ -16,9 +16,13 @@ pytestmark = pytest.mark.slow
 SCENARIOS = [*CONFIGS, "resume", "mixed_precision"]
 
 
+def scenarios(items):
+    return "qat_scenarios", SCENARIOS
+
+
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    return launch("qat_scenarios", SCENARIOS, tmp_path_factory.mktemp("qat"))
+def results(sharded_results):
+    return sharded_results["qat_scenarios"]
 
 
 def close(a: dict, b: dict, what: str, exact: bool = False) -> None:

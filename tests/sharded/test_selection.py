@@ -8,16 +8,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.sharded.launch import launch, result
+from tests.sharded.launch import result
 
 pytestmark = pytest.mark.slow
 
 SCENARIOS = ["topk", "allocation", "pruning", "nm", "dst", "wanda"]
 
 
+def scenarios(items):
+    return "selection_scenarios", SCENARIOS
+
+
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    return launch("selection_scenarios", SCENARIOS, tmp_path_factory.mktemp("selection"))
+def results(sharded_results):
+    return sharded_results["selection_scenarios"]
 
 
 def equal(x, y) -> bool:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lichtenberg.core.sparsity import erk_densities
-from tests.sharded.launch import launch, result
+from tests.sharded.launch import result
 from tests.sharded.sparsity_scenarios import SCENARIOS
 
 pytestmark = pytest.mark.slow
@@ -18,9 +18,13 @@ pytestmark = pytest.mark.slow
 MASKS = ("net.0.weight_mask", "net.3.weight_mask")
 
 
+def scenarios(items):
+    return "sparsity_scenarios", SCENARIOS
+
+
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    return launch("sparsity_scenarios", SCENARIOS, tmp_path_factory.mktemp("sparsity"))
+def results(sharded_results):
+    return sharded_results["sparsity_scenarios"]
 
 
 def _same_run(r0: dict, masks=MASKS) -> None:
