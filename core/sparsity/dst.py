@@ -124,7 +124,7 @@ def drop_and_grow(weight, mask, n, grow_scores):
 
     A just-dropped slot may be grown back (then it simply stays). Active count is unchanged.
     Takes one layer's tensors, or dicts by layer name (``n`` a dict of ints) for all layers of
-    an event at once: on DTensor shards that costs 1 + 66 small all-reduces per event instead
+    an event at once: on DTensor shards that costs 1 + 10 small all-reduces per event instead
     of per layer.
     """
     if isinstance(weight, dict):

@@ -30,7 +30,7 @@ __all__ = ["check_nm", "check_sharded_nm", "nm_mask", "parse_pattern", "topk_mas
 def topk_mask(scores: Tensor, k: int) -> Tensor:
     """Bool mask of ``scores``' shape keeping exactly ``k`` entries: the largest, ties by lowest index.
 
-    A DTensor gives a DTensor mask laid out alike: 33 small all-reduces, nothing gathered."""
+    A DTensor gives a DTensor mask laid out alike: 5 small all-reduces, nothing gathered."""
     n = scores.numel()
     if not 0 <= k <= n:
         raise ValueError(f"cannot keep k={k} of {n} entries.")

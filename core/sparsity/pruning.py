@@ -4,7 +4,7 @@ Already-pruned entries get the lowest possible score, so a growing sparsity targ
 removes more weights (masks are monotone), whatever the allocation rule.
 
 FSDP2 DTensor scores and masks give the same masks as DTensors laid out alike, nothing
-gathered: the allocation's selection plus one per-layer selection (66 small all-reduces;
+gathered: the allocation's selection plus one per-layer selection (5 + 5 all-reduces;
 LAMP adds its nested bisection, see ``lichtenberg.core.sparsity.sharded``).
 
 Example:

@@ -1,4 +1,4 @@
-"""Exact mask selection on FSDP2 shards: distributed k-th value by threshold bisection.
+"""Exact mask selection on FSDP2 shards: a distributed k-th value, by radix selection.
 
 Under FSDP2 every parameter (and every score, mask or gradient laid out like it) is a DTensor
 ``Shard(d)`` over a 1-D mesh (d = 0 for parameters; d = 1 for the ``[out, in]`` rows view of a
@@ -9,8 +9,10 @@ lowest) without gathering weights or scores:
 1. Scores become order-preserving int keys (:func:`float_keys`: float32 bits, negatives
    flipped; NaN -> -inf, -0.0 -> +0.0, as ``masks.topk_mask`` compares them).
 2. The k-th largest key of every *problem* (a layer, or all layers for a global threshold)
-   is found by bisection over the 2^32 key range: 32 rounds, each ONE all-reduce of an int64
-   count per problem, all problems of an event at once.
+   is found one byte at a time, high byte first: 4 all-reduces of a 256-bin histogram per
+   problem (all problems of an event at once), each pass reading only the keys left in the
+   chosen bucket. Per-row problems (a Conv1D rows view, rows split over ranks) bisect the
+   key range instead: 32 rounds of ONE all-reduce of an int64 count per row.
 3. Ties at the threshold are split by global flat index: flat order inside a tensor is
    "slab-major, then rank-major" (a slab: one index of the dims before the shard dim; one slab
    for Shard(0)), so one all-reduce of per-(slab, rank) tie counts (an all-gather of
@@ -19,23 +21,23 @@ lowest) without gathering weights or scores:
 Communication per event, per rank (P problems, S slabs, w ranks; G = gathering the full
 scores instead, parameter count x 4 x (w - 1) / w bytes):
 
-- ``topk_mask``, per-layer allocations (uniform, erk, explicit dict), ``global``: 33
-  all-reduces: 32 x (8 P bytes) + 1 x (8 S (w + 1) bytes). S = layers for Shard(0) weights,
+- ``topk_mask``, per-layer allocations (uniform, erk, explicit dict), ``global``: 5
+  all-reduces: 4 x (2 KiB P) + 1 x (8 S (w + 1) bytes). S = layers for Shard(0) weights,
   + out rows for each Conv1D rows view. ``allocate`` uniform/erk alone: nothing (shapes only).
-- ``global_floor``: one selection (33) per round of fixing floored layers (usually 1-2).
-- ``prune_masks``: the allocation's selection, then one per-layer selection (33), so 66.
+- ``global_floor``: one selection (5) per round of fixing floored layers (usually 1-2).
+- ``prune_masks``: the allocation's selection, then one per-layer selection (5), so 10.
 - LAMP (:func:`lamp_counts`, L layers): 1 all-reduce of L live counts; an outer 16-ary search
   over the 2^30 float32 score keys in [0, 1] (8 steps of 15 candidate thresholds), each step an
   inner bisection over float32 w^2 keys (31 rounds) of ONE all-reduce of (count, sum) as 2
   float64 per (candidate, layer): 8 x 31 = 248 all-reduces of 240 L bytes; then 31 of 32 L
-  bytes for the tie split; then ``prune_masks``' per-layer selection (33). About 310 small
+  bytes for the tie split; then ``prune_masks``' per-layer selection (5). About 285 small
   all-reduces per event, whatever the layer sizes; local work: one local sort of the rank's
   weights, then a searchsorted per query.
 - ``drop_and_grow`` (SET, RigL; GraNet's regrowth): 1 all-reduce of active counts + 2
-  selections (66), for one layer or (given dicts) all layers of the event at once.
+  selections (10), for one layer or (given dicts) all layers of the event at once.
 - ``srigl_update`` (per layer): 3 all-reduces of per-row counts as whole ``[out]`` int64
-  vectors (8 out bytes: active, salient, kept) + 2 layer selections (66); for a Conv1D rows
-  view (every row split over ranks) + 2 per-row selections (66, with P = S = out rows).
+  vectors (8 out bytes: active, salient, kept) + 2 layer selections (10); for a Conv1D rows
+  view (every row split over ranks) + 2 per-row bisections (66, with P = S = out rows).
 - ``nm_mask`` and ``wanda_score``: nothing (rows or aligned groups are local).
 - ``random_masks``/``fanin_masks``/``random_scores`` with ``like``: nothing; every rank draws
   the whole layer (numel x 4 bytes of transient CPU memory and the time of that draw) and
@@ -58,7 +60,7 @@ from ..distributed import all_reduce_, like, local
 
 __all__ = ["any_sharded", "float_keys", "lamp_counts", "mesh_of", "nm_local_ok", "select", "shard_span", "sharded_rand"]
 
-ROUNDS = 32  # bisection rounds over the int32 key range
+ROUNDS = 32  # bisection rounds over the int32 key range (per-row problems)
 OUTER = 15  # LAMP thresholds tried per outer step: 8 steps of 31 all-reduces cover [0, 1]'s 2^30 keys
 
 
@@ -108,6 +110,24 @@ def _slabs(t: DTensor) -> Tensor:
     return x.reshape(s, x.numel() // s if s else 0)
 
 
+def _radix_threshold(parts: list[Tensor], k: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """The ``k[p]``-th largest key of every problem p over all ranks (``parts[p]``: this rank's
+    keys of p; 2**31 - 1 where k is 0), by radix selection one byte at a time, high byte first:
+    4 all-reduces of a [P, 256] histogram. Each pass reads only the keys still in the chosen
+    bucket, so after the exponent byte little is left: ~2 passes over the keys instead of 32."""
+    cand = [p + 2**31 for p in parts]  # unsigned order
+    need, prefix = k.clone(), torch.zeros_like(k)
+    for shift in (24, 16, 8, 0):
+        hist = torch.stack([torch.bincount((c >> shift) & 255, minlength=256) for c in cand])  # [P, 256]
+        all_reduce_(hist, group)
+        at_least = hist.flip(1).cumsum(1).flip(1)  # [P, 256]: keys in this bucket or above
+        bucket = (at_least >= need[:, None]).sum(1) - 1  # the one holding the need-th largest
+        above = torch.where(bucket < 255, at_least.gather(1, (bucket + 1).clamp_max(255)[:, None])[:, 0], 0)
+        need, prefix = need - above, prefix | (bucket << shift)
+        cand = [c[((c >> shift) & 255) == b] for c, b in zip(cand, bucket)]
+    return prefix - 2**31
+
+
 def select(pieces: list[Tensor], ks: list[int], problems: list[int] | None = None, per_row: bool = False
            ) -> tuple[list[Tensor], list[int]]:
     """Keep the ``ks[p]`` highest scores of every problem p over DTensor ``pieces`` (ties: lowest
@@ -143,20 +163,16 @@ def select(pieces: list[Tensor], ks: list[int], problems: list[int] | None = Non
     # Largest key t with count(key >= t) >= k: the invariant holds at the lowest key (k <= size).
     lo = torch.full((n_prob,), -2**31, dtype=torch.long, device=device)
     hi = torch.full((n_prob,), 2**31 - 1, dtype=torch.long, device=device)
-    # Problems of whole pieces are contiguous runs of keys: count each with its scalar threshold
-    # (one compare-and-sum pass per round), instead of gathering a threshold per element.
-    runs = None if per_row else torch.tensor([s.numel() for s in slabs]).split(
-        torch.bincount(torch.tensor(problems), minlength=n_prob).tolist())
-    spans = None if runs is None else [int(r.sum()) for r in runs]
-    for _ in range(ROUNDS):
-        mid = lo + (hi - lo + 1) // 2
-        if spans is None:
-            local_count = torch.bincount(pid[keys >= mid[pid]], minlength=n_prob)
-        else:
-            local_count = torch.stack([(part >= m).sum() for part, m in zip(keys.split(spans), mid)])
-        count = all_reduce_(local_count, group)
-        ok = count >= k
-        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid - 1)
+    if per_row:  # many tiny problems (rows): bisection with one count per row per round
+        for _ in range(ROUNDS):
+            mid = lo + (hi - lo + 1) // 2
+            count = all_reduce_(torch.bincount(pid[keys >= mid[pid]], minlength=n_prob), group)
+            ok = count >= k
+            lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid - 1)
+    else:  # problems of whole pieces are contiguous runs of keys
+        spans = [int(r.sum()) for r in torch.tensor([s.numel() for s in slabs]).split(
+            torch.bincount(torch.tensor(problems), minlength=n_prob).tolist())]
+        lo = _radix_threshold(list(keys.split(spans)), k, group)
     above, tie = keys > lo[pid], keys == lo[pid]
     my_ties = torch.bincount(seg[tie], minlength=n_seg)
     stats = torch.zeros(n_seg, 1 + world, dtype=torch.long, device=device)
