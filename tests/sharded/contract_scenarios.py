@@ -100,3 +100,48 @@ def data_parallel_mesh(out) -> None:
             trainer.fit(model, datamodule=TinyData())
             result[f"{name}/{kind}"] = {"model": snapshot(model), "state": _state(cb), "step": trainer.global_step}
     save(out, result)
+
+
+def averaging_per_step(out) -> None:
+    """EMA (every step) and SWA (every step) under FSDP2: collectives and host syncs counted
+    while their per-step hook runs (updates are shard-local: there must be none)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from lichtenberg.callbacks import EMA, SWA
+    from lichtenberg.callbacks._averaging import _Averaging
+
+    calls: dict[str, int] = {}
+    inside = [0, 0]  # depth, hook calls
+
+    def wrap(owner, name, counted):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            if counted:
+                if inside[0]:
+                    calls[name] = calls.get(name, 0) + 1
+                return original(*args, **kwargs)
+            inside[0] += 1
+            inside[1] += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                inside[0] -= 1
+        setattr(owner, name, wrapper)
+        return owner, name, original
+
+    undo = [wrap(_Averaging, "on_train_batch_end", False)]
+    undo += [wrap(dist, n, True) for n in ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast",
+                                           "reduce_scatter_tensor")]
+    undo += [wrap(DTensor, n, True) for n in ("full_tensor", "redistribute")]
+    undo += [wrap(torch.Tensor, n, True) for n in ("item", "tolist", "__bool__", "__int__", "__float__", "cpu")]
+    try:
+        cbs = [EMA(decay=0.9), SWA(start=0.25, interval="step", swa_lr=0.05)]
+        trainer, _ = fit("fsdp2", cbs, log_every_n_steps=1000)
+    finally:
+        for owner, name, original in reversed(undo):
+            setattr(owner, name, original)
+    save(out, {"calls": calls, "hooks": inside[1], "updates": [c.averaged.num_updates for c in cbs],
+               "steps": trainer.global_step})

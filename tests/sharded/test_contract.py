@@ -21,7 +21,8 @@ def scenarios(items):
     """The selected cases only (``-k EMA`` runs the baseline and EMA's scenario)."""
     wanted = {item.callspec.params["name"] for item in items if hasattr(item, "callspec") and "name" in item.callspec.params}
     names = ["plain"] + [f"case_{n}" for n in NAMES if n in wanted]
-    names += [s for s in ("composition", "data_parallel_mesh") if any(i.name.startswith(f"test_{s}") for i in items)]
+    names += [s for s in ("composition", "data_parallel_mesh", "averaging_per_step")
+              if any(i.name.startswith(f"test_{s}") for i in items)]
     return "contract_scenarios", names
 
 
@@ -89,3 +90,9 @@ def test_composition_pruning_qat_ema_under_fsdp2(results):
     same(ddp["export"], fsdp["export"], "plain averaged export, DCP directory vs DDP file", exact=False)
     same(r0["ref"], r0["resumed"], "crash-resume through DCP: model")
     same(flat_state(r0["ref_state"]), flat_state(r0["resumed_state"]), "crash-resume through DCP: callback states")
+
+
+def test_averaging_per_step_is_shard_local_no_collective_no_host_sync(results):
+    r0, _ = result(results, "averaging_per_step")
+    assert r0["hooks"] >= r0["steps"] > 0 and min(r0["updates"]) > 0, r0
+    assert r0["calls"] == {}, f"collectives or host syncs in EMA/SWA's per-step hook: {r0['calls']}"
