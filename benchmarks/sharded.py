@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks import harness
 from lichtenberg.callbacks import EMA, SWA, DynamicSparseTraining, GradualPruning, QuantizationAwareTraining
-from lichtenberg.core.distributed import local
+from lichtenberg.core.distributed import local, shard_layers_
 from lichtenberg.core.schedules import SparsitySchedule
 from tests.sharded.launch import launch
 
@@ -68,13 +68,7 @@ class Wide(L.LightningModule):
     def configure_model(self):
         if self.device_mesh is None:
             return
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.net:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(self.net, mesh=mesh)
+        shard_layers_(self.net, self.device_mesh["data_parallel"])
 
     def training_step(self, batch, batch_idx):
         x, y = batch

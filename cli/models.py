@@ -16,6 +16,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..callbacks import weighted_loss
+from ..core.distributed import shard_layers_
 
 __all__ = ["DemoModule", "MLP", "SmallCNN", "TinyTransformerLM"]
 
@@ -118,19 +119,7 @@ class DemoModule(LightningModule):
         whole module (which takes the rest: tied weights, norms); elsewhere do nothing."""
         if self.device_mesh is None:
             return
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        owners: dict[int, int] = {}
-        for module in self.modules():
-            for p in module.parameters(recurse=False):
-                owners[id(p)] = owners.get(id(p), 0) + 1
-        for module in list(self.modules()):
-            own = list(module.parameters(recurse=False))
-            # A tied weight (embedding = head) must be sharded once, by a module above both.
-            if module is not self and own and all(owners[id(p)] == 1 for p in own):
-                fully_shard(module, mesh=mesh)
-        fully_shard(self, mesh=mesh)
+        shard_layers_(self, self.device_mesh["data_parallel"])
 
     def configure_optimizers(self):
         params = self.parameters()

@@ -12,6 +12,7 @@ Example:
     >>> w = local(param)                        # the rank's rows (the tensor itself if not sharded)
     >>> mask = like(param, torch.ones_like(w, dtype=torch.bool))   # a DTensor laid out like param
     >>> counts = all_reduce_(local_counts, group_of(param))        # summed over the shards
+    >>> mask = scatter_like(param, whole_mask)                     # this rank's rows, no communication
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import math
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-__all__ = ["all_reduce_", "check_layout", "full", "group_of", "is_sharded", "like", "local", "row_offset"]
+__all__ = ["all_reduce_", "check_layout", "full", "group_of", "is_sharded", "like", "local", "scatter_like",
+           "shard_dim", "shard_span", "shard_layers_"]
 
 
 def is_sharded(tensor: Tensor) -> bool:
@@ -64,13 +67,31 @@ def group_of(tensor: Tensor) -> dist.ProcessGroup | None:
     return tensor.device_mesh.get_group(0) if isinstance(tensor, DTensor) else None
 
 
-def row_offset(tensor: Tensor) -> int:
-    """Index of this rank's first row (dim 0) in the whole tensor; 0 if not sharded."""
+def shard_span(tensor: Tensor) -> tuple[int, int]:
+    """(start, length) of this rank's block along the shard dim of ``tensor`` (torch.chunk's
+    rule, which FSDP2 follows: rank r starts at r * ceil(n / w); the last may hold fewer or
+    none); (0, size of dim 0) for a whole tensor."""
     if not isinstance(tensor, DTensor):
-        return 0
-    world, rank = tensor.device_mesh.size(0), tensor.device_mesh.get_local_rank(0)
-    chunk = math.ceil(tensor.shape[0] / world)  # torch.chunk's rule, which FSDP2 follows
-    return min(rank * chunk, tensor.shape[0])
+        return 0, tensor.shape[0]
+    dim, world, rank = shard_dim(tensor), tensor.device_mesh.size(0), tensor.device_mesh.get_local_rank(0)
+    n = tensor.shape[dim]
+    start = min(rank * math.ceil(n / world), n)
+    return start, min(start + math.ceil(n / world), n) - start
+
+
+def shard_dim(tensor: Tensor) -> int:
+    """The dim ``tensor`` is sharded along (0 for a whole or replicated tensor)."""
+    placement = tensor.placements[0] if isinstance(tensor, DTensor) else None
+    return placement.dim if isinstance(placement, Shard) else 0
+
+
+def scatter_like(reference: Tensor, whole: Tensor) -> Tensor:
+    """This rank's block of ``whole`` (shaped like ``reference``, the same on every rank), laid out
+    like ``reference``: a DTensor slice with no communication, or ``whole`` on its device."""
+    if not isinstance(reference, DTensor) or tuple(reference.placements) != (Shard(shard_dim(reference)),):
+        return like(reference, whole.to(local(reference).device))
+    start, length = shard_span(reference)
+    return like(reference, whole.narrow(shard_dim(reference), start, length).contiguous().to(local(reference).device))
 
 
 def all_reduce_(tensor: Tensor, group: dist.ProcessGroup | None, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Tensor:
@@ -91,3 +112,20 @@ def check_layout(name: str, tensor: Tensor) -> None:
             f"{name} is laid out as {tuple(tensor.placements)} over a {tensor.device_mesh.ndim}-D mesh; lichtenberg "
             "supports FSDP2's Shard(0) over the data-parallel mesh only (ModelParallelStrategy with tensor_parallel_size=1)."
         )
+
+
+def shard_layers_(module: nn.Module, mesh: DeviceMesh) -> None:
+    """FSDP2 for a module as a whole: ``fully_shard`` every submodule that holds parameters of
+    its own, then ``module`` (which takes the rest). A weight tied between submodules (an
+    embedding shared with the output head) is left to ``module``: FSDP2 shards a tensor once."""
+    from torch.distributed.fsdp import fully_shard
+
+    owners: dict[int, int] = {}
+    for sub in module.modules():
+        for p in sub.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    for sub in list(module.modules()):
+        own = list(sub.parameters(recurse=False))
+        if sub is not module and own and all(owners[id(p)] == 1 for p in own):
+            fully_shard(sub, mesh=mesh)
+    fully_shard(module, mesh=mesh)

@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..distributed import full, local, row_offset
+from ..distributed import full, local, scatter_like
 from ..layers import KINDS, LayerKind, as_rows, from_rows, layer_kind
 
 __all__ = ["QUANT_CLASSES", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantLinear", "prepare_", "quant_modules",
@@ -172,7 +172,7 @@ def unprepare_(model: nn.Module, fold: bool = False) -> dict[str, nn.Module]:
     if fold:  # all weights first: a tied weight must be quantized from its latent values once
         folded = {id(m.weight): (m.weight, m.quantized_weight().detach().clone()) for m in layers.values()}
         for weight, value in folded.values():  # an FSDP2 shard keeps its own rows of the whole value
-            local(weight).copy_(value.narrow(0, row_offset(weight), local(weight).shape[0]))
+            local(weight).copy_(local(scatter_like(weight, value)))
     for module in layers.values():
         module.__class__ = type(module).__bases__[0]
         del module.weight_quantizer

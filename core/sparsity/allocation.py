@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..distributed import full, is_sharded, like, local
+from ..distributed import full, is_sharded, like, local, scatter_like
 from . import sharded
 from .masks import topk_mask
 
@@ -37,9 +37,7 @@ def lamp_scores(weight: Tensor) -> Tensor:
     LAMP (``allocate``, ``prune_masks``) never calls this on shards.
     """
     if is_sharded(weight):
-        start, length = sharded.shard_span(weight)
-        whole = lamp_scores(full(weight))
-        return like(weight, whole.narrow(sharded.mesh_of(weight)[3], start, length).contiguous())
+        return scatter_like(weight, lamp_scores(full(weight)))
     w2 = weight.detach().float().reshape(-1) ** 2
     order = w2.argsort()  # ascending
     sorted_w2 = w2[order]

@@ -34,7 +34,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..distributed import all_reduce_, group_of, is_sharded, local
+from ..distributed import all_reduce_, group_of, is_sharded, local, scatter_like, shard_span
 from ..distributed import like as _like
 from . import sharded
 from .masks import _nan_lowest, topk_mask
@@ -74,12 +74,7 @@ def _lay_out(masks: dict[str, Tensor], like: dict[str, Tensor] | None) -> dict[s
         if tuple(ref.shape) != tuple(mask.shape):
             raise ValueError(f"like[{name!r}] has shape {tuple(ref.shape)}, the mask {tuple(mask.shape)}: pass tensors "
                              "shaped like `shapes` (the same [out, in, ...] views).")
-        if is_sharded(ref):
-            start, length = sharded.shard_span(ref)
-            mask = _like(ref, mask.narrow(sharded.mesh_of(ref)[3], start, length).contiguous().to(local(ref).device))
-        else:
-            mask = mask.to(ref.device)
-        out[name] = mask
+        out[name] = scatter_like(ref, mask)
     return out
 
 
@@ -211,7 +206,7 @@ def _srigl_sharded(weight: Tensor, grad: Tensor, mask: Tensor, alive: Tensor, dr
     if dim not in (0, 1):
         raise ValueError(f"srigl_update: rows sharded along dim {dim}; expected FSDP2's Shard(0) or a Conv1D rows view.")
     out, fan_in = mask.shape[0], math.prod(mask.shape[1:])
-    start, length = sharded.shard_span(mask) if dim == 0 else (0, out)
+    start, length = shard_span(mask) if dim == 0 else (0, out)
     W, G, M = local(weight).detach().abs().float(), growth_scores(local(grad)), local(mask)
     a = alive[start:start + length].view(-1, *[1] * (M.dim() - 1))  # this rank's rows, broadcast over inputs
 

@@ -33,7 +33,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from ..distributed import all_reduce_, group_of, is_sharded, local, row_offset
+from ..distributed import all_reduce_, group_of, is_sharded, local, scatter_like
 from ..distributed import like as _like
 from ..layers import LayerKind, as_rows, from_rows
 
@@ -76,8 +76,7 @@ def laid_out_like(reference: Tensor, tensor: Tensor) -> Tensor:
     if tensor.shape != reference.shape:
         raise ValueError(f"a whole tensor of shape {tuple(tensor.shape)} cannot be laid out like a parameter of "
                          f"shape {tuple(reference.shape)}: give it the parameter's shape.")
-    start, rows = row_offset(reference), local(reference).shape[0]
-    return _like(reference, tensor[start:start + rows].to(local(reference).device))
+    return scatter_like(reference, tensor)
 
 
 def mask_name(param_name: str) -> str:

@@ -16,9 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..distributed import is_sharded, like, local
+from ..distributed import is_sharded, like, local, shard_dim, shard_span
 from ..layers import layer_kind
-from . import sharded
 
 __all__ = ["InputNorms", "gradient_score", "magnitude_score", "wanda_score"]
 
@@ -44,8 +43,7 @@ def wanda_score(weight: Tensor, input_sq_norm: Tensor, groups: int = 1) -> Tenso
     ``input_sq_norm`` (summed over ranks) gives the same scores laid out alike, locally.
     """
     if is_sharded(weight):
-        dim = sharded.mesh_of(weight)[3]
-        start, length = sharded.shard_span(weight)
+        dim, (start, length) = shard_dim(weight), shard_span(weight)
         norm = input_sq_norm.sqrt().to(weight.dtype).view(groups, -1)  # [groups, in / groups]
         w = local(weight).detach().abs()
         if norm.shape[1] != weight.shape[1]:

@@ -56,9 +56,9 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 
-from ..distributed import all_reduce_, like, local
+from ..distributed import all_reduce_, local, scatter_like
 
-__all__ = ["any_sharded", "float_keys", "lamp_counts", "mesh_of", "nm_local_ok", "select", "shard_span", "sharded_rand"]
+__all__ = ["any_sharded", "float_keys", "lamp_counts", "mesh_of", "nm_local_ok", "select", "sharded_rand"]
 
 ROUNDS = 32  # bisection rounds over the int32 key range (per-row problems)
 OUTER = 15  # LAMP thresholds tried per outer step: 8 steps of 31 all-reduces cover [0, 1]'s 2^30 keys
@@ -91,15 +91,6 @@ def mesh_of(t: DTensor) -> tuple[dist.ProcessGroup, int, int, int]:
     if mesh.ndim != 1 or len(placements) != 1 or not isinstance(placements[0], Shard):
         raise ValueError(f"selection supports Shard(d) over a 1-D mesh only, got {placements} over a {mesh.ndim}-D mesh.")
     return mesh.get_group(0), mesh.get_local_rank(0), mesh.size(0), placements[0].dim
-
-
-def shard_span(t: DTensor) -> tuple[int, int]:
-    """(offset, length) of this rank's block along the shard dim (torch.chunk's rule, as FSDP2)."""
-    _, rank, world, d = mesh_of(t)
-    n = t.shape[d]
-    chunk = math.ceil(n / world)
-    start = min(rank * chunk, n)
-    return start, min(start + chunk, n) - start
 
 
 def _slabs(t: DTensor) -> Tensor:
@@ -274,8 +265,4 @@ def nm_local_ok(shape: torch.Size, shard_dim: int, world: int, m: int) -> bool:
 
 def sharded_rand(reference: Tensor, generator: torch.Generator) -> Tensor:
     """``torch.rand(reference.shape, generator)`` (CPU, the whole shape) laid out like ``reference``."""
-    scores = torch.rand(reference.shape, generator=generator)
-    if not isinstance(reference, DTensor):
-        return scores.to(reference.device)
-    start, length = shard_span(reference)
-    return like(reference, scores.narrow(mesh_of(reference)[3], start, length).contiguous().to(local(reference).device))
+    return scatter_like(reference, torch.rand(reference.shape, generator=generator))

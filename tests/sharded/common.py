@@ -12,9 +12,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch import nn
-from torch.distributed.fsdp import fully_shard
 
-from lichtenberg.core.distributed import full
+from lichtenberg.core.distributed import full, shard_layers_
 from tests.cases import EPOCHS, Crash, TinyData, TinyModel
 
 __all__ = ["HIDDEN", "ShardedTinyModel", "crash_resume", "fit", "save", "snapshot", "strategy"]
@@ -23,7 +22,7 @@ HIDDEN = 15
 
 
 class ShardedTinyModel(TinyModel):
-    """TinyModel with an odd hidden width; shards every Linear and the net under FSDP2."""
+    """TinyModel with an odd hidden width; shards every layer and the net under FSDP2."""
 
     def __init__(self, lr: float = 0.1):
         super().__init__(lr)
@@ -32,11 +31,7 @@ class ShardedTinyModel(TinyModel):
     def configure_model(self):
         if self.device_mesh is None:  # DDP / single device
             return
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.net:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(self.net, mesh=mesh)
+        shard_layers_(self.net, self.device_mesh["data_parallel"])
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         # FSDP2 leaves buffers per rank (each rank's BatchNorm statistics of its own batches, and a

@@ -2,7 +2,7 @@
 
 Starting both ranks costs ~11 s of imports; each test module declares what it needs with
 ``scenarios(items) -> (scenario_module, [names])`` (``items``: the session's selected tests
-of that module), and its ``results`` fixture reads ``sharded_results[scenario_module]``.
+of that module); its tests take ``results``, that module's ``{scenario: per-rank results}``.
 """
 
 from __future__ import annotations
@@ -23,3 +23,9 @@ def sharded_results(request, tmp_path_factory):
             name, names = spec(items)
             wanted.setdefault(name, []).extend(n for n in names if n not in wanted.get(name, []))
     return launch_all(wanted, tmp_path_factory.mktemp("sharded"))
+
+
+@pytest.fixture(scope="module")
+def results(request, sharded_results):
+    name, _ = request.module.scenarios([])
+    return sharded_results[name]

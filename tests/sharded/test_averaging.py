@@ -23,10 +23,6 @@ def scenarios(items):
     return "averaging_scenarios", SCENARIOS
 
 
-@pytest.fixture(scope="module")
-def results(sharded_results):
-    return sharded_results["averaging_scenarios"]
-
 
 def close(a: dict, b: dict, what: str, **tol) -> None:
     assert a.keys() == b.keys(), f"{what}: keys {sorted(set(a) ^ set(b))}"

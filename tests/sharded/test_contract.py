@@ -26,10 +26,6 @@ def scenarios(items):
     return "contract_scenarios", names
 
 
-@pytest.fixture(scope="module")
-def results(sharded_results):
-    return sharded_results["contract_scenarios"]
-
 
 def same(a: dict, b: dict, what: str, exact: bool = True, keys=None) -> None:
     keys = a.keys() if keys is None else keys

@@ -20,10 +20,6 @@ def scenarios(items):
     return "qat_scenarios", SCENARIOS
 
 
-@pytest.fixture(scope="module")
-def results(sharded_results):
-    return sharded_results["qat_scenarios"]
-
 
 def close(a: dict, b: dict, what: str, exact: bool = False) -> None:
     assert a.keys() == b.keys(), f"{what}: keys {sorted(set(a) ^ set(b))}"

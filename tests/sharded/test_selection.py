@@ -19,10 +19,6 @@ def scenarios(items):
     return "selection_scenarios", SCENARIOS
 
 
-@pytest.fixture(scope="module")
-def results(sharded_results):
-    return sharded_results["selection_scenarios"]
-
 
 def equal(x, y) -> bool:
     if isinstance(x, dict):

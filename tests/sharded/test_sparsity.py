@@ -22,10 +22,6 @@ def scenarios(items):
     return "sparsity_scenarios", SCENARIOS
 
 
-@pytest.fixture(scope="module")
-def results(sharded_results):
-    return sharded_results["sparsity_scenarios"]
-
 
 def _same_run(r0: dict, masks=MASKS) -> None:
     ddp, fsdp = r0["ddp"], r0["fsdp2"]
