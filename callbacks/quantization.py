@@ -254,12 +254,17 @@ class QuantizationAwareTraining(_Base):
 
     # -- training ------------------------------------------------------------------------
     def _set_mode(self, step: int) -> None:
+        """Switch the quantizers on or off (tensor mirrors written only on a change) and, when on,
+        initialise weight scales here, outside the forward: a compiled forward never branches on it."""
         self._enabled = step >= self._start
         progress = min(step / self._total, 1.0)
         o = 1.0 + (1.0 - math.cos(math.pi * progress / 2)) * (_RESTE_O_END - 1.0) if self.weight_method == "reste" else 1.0
         for module in self._layers.values():
-            module.weight_quantizer.enabled = self._enabled
-            module.weight_quantizer.o = o
+            wq = module.weight_quantizer
+            if self._enabled and isinstance(wq, WeightQuantizer) and not wq._ready:  # once per run (and after a load)
+                wq.initialize_(as_rows(full(module.weight), KINDS[module.target_name]))  # FSDP2: one gather, all ranks
+            wq.enabled = self._enabled
+            wq.o = o
             if module.input_quantizer is not None:
                 module.input_quantizer.enabled = self._enabled
 

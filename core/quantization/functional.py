@@ -8,8 +8,11 @@ straight-through estimator (STE):
   the graph, the gradient to a learned scale is LSQ's, ``round(v) - v`` inside and the
   clip bound outside (Esser et al., 2020), with no hand-written backward.
 - ``lsq_quantize`` is the same forward and the same gradients as ``fake_quantize`` with a
-  learned scale (no offset), written as one autograd node: on CPU it runs ~2x faster than
-  the composed version, whose clamp and division backward dominate a QAT step.
+  learned scale (no offset), written as one autograd node of 10 kernels with no host sync:
+  on CPU it runs ~2x faster than the composed version, whose clamp and division backward
+  dominate a QAT step; torch.compile traces it whole (no graph break).
+- ``dynamic_quantize`` is the min/max asymmetric grid of a layer's input, per token or per
+  tensor, in one autograd node with an identity backward.
 - ``straight_through`` returns a value computed without autograd and passes the gradient to
   the input unchanged: for grids that cover their input by construction (min/max scales),
   where the STE's clip mask would be all ones.
@@ -28,8 +31,12 @@ import math
 import torch
 from torch import Tensor
 
+EPS = 1e-8  # smallest scale: an all-zero group still divides by something
+
 __all__ = [
+    "EPS",
     "binarize",
+    "dynamic_quantize",
     "fake_quantize",
     "grad_scale",
     "grouped",
@@ -72,45 +79,65 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax:
 
 
 class _LSQ(torch.autograd.Function):
-    """clamp(round(x / s), qmin, qmax) * s with LSQ's gradients (Esser et al., 2020).
+    """clamp(round(x / s), qmin, qmax) * s with s = max(|p|, eps) and LSQ's gradients (Esser et al., 2020).
 
-    d/dx is 1 where qmin <= x / s <= qmax, else 0. d/ds is round(x / s) - x / s inside and the
-    clip bound outside, times ``grad_factor``, summed over the dimensions ``s`` broadcasts on.
-    On CPU, where reading a flag costs no device sync, the clip mask is skipped when nothing
-    clips (the common case at 8 bits): bool masks are the slowest passes there.
+    d/dx is 1 where qmin <= x / s <= qmax, else 0. d/dp is round(x / s) - x / s inside and the
+    clip bound outside, times ``grad_factor`` and sign(p), summed over the dimensions ``p``
+    broadcasts on. Branch-free and without host syncs (a GPU's launch queue never stalls, and
+    torch.compile traces it whole): 10 kernels forward and backward together. The clip mask is
+    a float 0/1 tensor because bool masks are the slowest elementwise passes on CPU.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, s: Tensor, qmin: int, qmax: int, grad_factor: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, p: Tensor, qmin: int, qmax: int, grad_factor: float) -> Tensor:  # type: ignore[override]
+        s = p.abs().clamp_min_(EPS)
         v = x / s
-        outside = None
-        lo, hi = torch.aminmax(v) if x.device.type == "cpu" else (None, None)
-        if lo is None or lo < qmin or hi > qmax:
-            q = v.clamp(qmin, qmax)
-            outside = q != v
-            q.round_()  # clip then round: equal to round then clip on an integer grid
-            v.masked_fill_(outside, 0.0)
-        else:
-            q = v.round()
-        d_s = torch.sub(q, v, out=v)  # d q s / d s: inside round(v) - v, outside the bound
-        ctx.save_for_backward(d_s, outside)
-        ctx.grad_factor, ctx.s_shape = grad_factor, s.shape
+        q = v.clamp(qmin, qmax)
+        inside = torch.eq(v, q, out=torch.empty_like(v))
+        q.round_()  # clip then round: equal to round then clip on an integer grid
+        d_s = torch.addcmul(q, v, inside, value=-1.0)  # d q s / d s: inside round(v) - v, outside the bound
+        # d s / d p = sign(p) where |p| >= eps; below it p / eps (a dead scale can still recover)
+        ctx.save_for_backward(inside, d_s, (p / s).mul_(grad_factor))
         return q.mul_(s)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None, None]:  # type: ignore[override]
-        d_s, outside = ctx.saved_tensors
-        grad_x = grad if outside is None else grad.masked_fill(outside, 0.0)
-        return grad_x, (grad * d_s).sum_to_size(ctx.s_shape).mul_(ctx.grad_factor), None, None, None
+        inside, d_s, factor = ctx.saved_tensors
+        return grad * inside, (grad * d_s).sum_to_size(factor.shape).mul_(factor), None, None, None
 
 
 def lsq_quantize(x: Tensor, scale: Tensor, qmin: int, qmax: int, grad_factor: float = 1.0) -> Tensor:
-    """``clamp(round(x / scale), qmin, qmax) * scale``; gradients as ``fake_quantize`` with a zero
-    offset, the scale's multiplied by ``grad_factor`` (LSQ's 1 / sqrt(N Q_P)).
-
-    ``scale`` must be positive and broadcast against ``x``.
+    """``clamp(round(x / s), qmin, qmax) * s`` with ``s = max(|scale|, 1e-8)``; gradients as
+    ``fake_quantize`` with a zero offset, the scale's multiplied by ``grad_factor`` (LSQ's
+    1 / sqrt(N Q_P)). ``scale`` broadcasts against ``x``.
     """
     return _LSQ.apply(x, scale, qmin, qmax, grad_factor)
+
+
+class _Dynamic(torch.autograd.Function):
+    """Asymmetric min/max fake-quant of ``x`` per row of its last dimension (or per tensor),
+    identity backward: the range covers every input, so the STE's clip mask is all ones."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, bits: int, per_row: bool) -> Tensor:  # type: ignore[override]
+        top = 2**bits - 1
+        lo, hi = (x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)) if per_row else (x.amin(), x.amax())
+        lo.clamp_(max=0)  # zero stays exactly representable
+        hi.clamp_(min=0)
+        s = hi.sub_(lo).div_(top).clamp_min_(EPS)  # [..., 1]
+        zn = lo.div_(s).round_()  # minus the zero point: round is odd, so this is exactly -round(-lo / s)
+        return (x / s).sub_(zn).round_().clamp_(0, top).add_(zn).mul_(s)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        return grad, None, None
+
+
+def dynamic_quantize(x: Tensor, bits: int, per_row: bool = True) -> Tensor:
+    """``(clamp(round(x / s + z), 0, 2^b - 1) - z) * s`` with s, z from the min/max of each row of
+    the last dimension (``per_row``) or of the whole tensor, the range widened to hold 0;
+    gradient to ``x`` unchanged. No host sync, 15 kernels, none in the backward."""
+    return _Dynamic.apply(x, bits, per_row)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -150,9 +177,9 @@ class _ReSTEBinarize(torch.autograd.Function):
     """sign(x) forward; backward the derivative of sign(x)|x|^(1/o), 0 beyond ``t``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, o: float, t: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, o: float | Tensor, t: float) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x)
-        ctx.o, ctx.t = o, t
+        ctx.o, ctx.t = o, t  # o may be a 0-dim tensor: it changes every step, a compiled graph must not guard on it
         return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
     @staticmethod
@@ -161,17 +188,17 @@ class _ReSTEBinarize(torch.autograd.Function):
         return grad * reste_power(x, ctx.o, ctx.t), None, None
 
 
-def reste_power(x: Tensor, o: float, t: float, knee: float = 0.1) -> Tensor:
+def reste_power(x: Tensor, o: float | Tensor, t: float, knee: float = 0.1) -> Tensor:
     """ReSTE's surrogate derivative: (1/o)|x|^((1-o)/o) on (knee, t], the secant slope
     knee^(1/o) / knee below the knee (no singularity at 0), 0 beyond t. o = 1 is the plain
-    (clipped) STE."""
+    (clipped) STE. ``o`` is a float or a 0-dim tensor."""
     a = x.abs()
     power = a.clamp_min(knee).pow((1.0 - o) / o) / o
-    secant = math.pow(knee, 1.0 / o) / knee
+    secant = (torch.pow(knee, 1.0 / o) if isinstance(o, Tensor) else math.pow(knee, 1.0 / o)) / knee
     return torch.where(a > t, 0.0, torch.where(a > knee, power, secant)).to(x.dtype)
 
 
-def binarize(w: Tensor, scale: Tensor, o: float = 1.0, t: float = 1.5) -> Tensor:
+def binarize(w: Tensor, scale: Tensor, o: float | Tensor = 1.0, t: float = 1.5) -> Tensor:
     """``sign(w) * s`` with s detached; ReSTE backward on w / s (o = 1: clipped STE)."""
     s = scale.detach()
     return _ReSTEBinarize.apply(w / s, o, t) * s

@@ -20,6 +20,15 @@ Activations (the input of a quantized layer):
 - ``pact``: learned clipping level alpha (symmetric if the observed inputs had negatives).
 Initial values are observed on the first quantized batch and averaged over DDP ranks.
 
+No host syncs and no recompiles: what changes during training (on/off, ReSTE's exponent) is
+mirrored into 0-dim tensor buffers (not saved). Eager forwards branch on the Python value (no
+work while off); under torch.compile the forward reads only the tensors and selects with
+``torch.where``, so switching quantization on at ``start_step`` reuses the compiled graph.
+Weight scales are initialised by ``initialize_`` outside the forward (the callback calls it
+when quantization starts). The data-initialised activation methods (lsq, lsq+, pact) observe
+their first quantized batch in eager code: under torch.compile that costs one graph break and
+one recompile, once.
+
 Example:
     >>> wq = WeightQuantizer(linear.weight.shape, bits=4, method="lsq")
     >>> wq.enabled = True
@@ -35,13 +44,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..distributed import local
-from .functional import binarize, grad_scale, grouped, lsq_quantize, qrange, round_ste, straight_through, ternarize
+from .functional import (EPS, binarize, dynamic_quantize, grad_scale, grouped, lsq_quantize, qrange, round_ste,
+                         straight_through, ternarize)
 
 __all__ = ["ActivationQuantizer", "WeightQuantizer", "WEIGHT_METHODS", "ACTIVATION_METHODS"]
 
 WEIGHT_METHODS = ("minmax", "lsq", "stat", "ternary", "binary")
 ACTIVATION_METHODS = ("dynamic", "lsq", "lsq+", "pact")
-_EPS = 1e-8
+_EPS = EPS
 
 
 def _untouched(module: nn.Module, x: Tensor) -> Tensor:
@@ -62,7 +72,27 @@ def _all_reduce_(t: Tensor, op: str = "mean") -> Tensor:
     return t
 
 
-class WeightQuantizer(nn.Module):
+class _Switch(nn.Module):
+    """``enabled`` as a Python flag (eager branches on it) mirrored into a 0-dim buffer (compiled
+    graphs select on it, so flipping it never recompiles). The buffer is written only when the
+    flag changes: a kernel launch per change, not per step."""
+
+    def _init_switch(self) -> None:
+        self._enabled = False
+        self.register_buffer("_on", torch.tensor(False), persistent=False)
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        if bool(value) != self._enabled:
+            self._enabled = bool(value)
+            self._on.fill_(self._enabled)
+
+
+class WeightQuantizer(_Switch):
     """Fake-quantizes one weight tensor (identity until ``enabled``).
 
     Args:
@@ -80,7 +110,9 @@ class WeightQuantizer(nn.Module):
         super().__init__()
         self.shape = tuple(shape)
         self.bits, self.method, self.granularity, self.group_size = bits, method, granularity, group_size
-        self.enabled, self.o = False, 1.0  # set by the callback; o: ReSTE's exponent
+        self._init_switch()
+        self._o_value = 1.0
+        self.register_buffer("_o", torch.tensor(1.0), persistent=False)  # ReSTE's exponent, set by the callback
         self._ready = self._any_frozen = None  # Python mirrors of buffers: no host sync per forward
         self.integer = isinstance(bits, int)
         if self.integer:
@@ -95,6 +127,17 @@ class WeightQuantizer(nn.Module):
             self.register_buffer("direction", torch.zeros(shape, dtype=torch.int8))
             self.register_buffer("oscillation", torch.zeros(shape))
             self.register_buffer("frozen", torch.zeros(shape, dtype=torch.bool))
+
+    @property
+    def o(self) -> float:
+        """ReSTE's exponent (binary weights): 1 is the plain STE."""
+        return self._o_value
+
+    @o.setter
+    def o(self, value: float) -> None:
+        if value != self._o_value:
+            self._o_value = value
+            self._o.fill_(value)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, method={self.method}, granularity={self.granularity}"
@@ -127,21 +170,25 @@ class WeightQuantizer(nn.Module):
         return q.reshape(w.shape)
 
     def forward(self, w: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():  # no Python state read: see the module docstring
+            return torch.where(self._on, self._quantize(w), w)
         if not self.enabled:
             return _untouched(self, w)
+        if not self._ready:
+            self.initialize_(w)
+        return self._quantize(w)
+
+    def _quantize(self, w: Tensor) -> Tensor:
         if self.method == "ternary":
             return ternarize(w, self.step_scale(w).expand_as(grouped(w, self.granularity, self.group_size)).reshape(w.shape))
         if self.method == "binary":
             s = self.step_scale(w).expand_as(grouped(w, self.granularity, self.group_size)).reshape(w.shape)
-            return binarize(w, s, self.o)
+            return binarize(w, s, self._o)
+        if self.method == "lsq" and not self.track:
+            return self._lsq(w)
         g = grouped(w, self.granularity, self.group_size)
-        if not self._ready:
-            self._start(w, g)
         if self.method == "lsq":
-            s = local(self.scale).abs().clamp_min(_EPS)
-            if not self.track:
-                return lsq_quantize(g, s, self.qmin, self.qmax, 1.0 / math.sqrt(g.shape[-1] * self.qmax)).reshape(w.shape)
-            s = grad_scale(s, 1.0 / math.sqrt(g.shape[-1] * self.qmax))
+            s = grad_scale(local(self.scale).abs().clamp_min(_EPS), 1.0 / math.sqrt(g.shape[-1] * self.qmax))
         else:
             s = self.step_scale(w)
         if self.method == "minmax" and not self.track:  # |w| / s <= Q_P: nothing clips, the STE is the identity
@@ -154,15 +201,31 @@ class WeightQuantizer(nn.Module):
             q = self._track(q.reshape(w.shape)).reshape(q.shape)
         return ((q + offset) * s).reshape(w.shape)
 
+    def _lsq(self, w: Tensor) -> Tensor:
+        """LSQ in one autograd node; the weight keeps its layout where the scale can broadcast
+        against it (per tensor, per output row), saving the reshapes."""
+        scale = local(self.scale)  # [rows, groups, 1]
+        factor = 1.0 / math.sqrt(w.numel() // (scale.shape[0] * scale.shape[1]) * self.qmax)  # 1 / sqrt(N Q_P)
+        if self.granularity == "group":
+            g = grouped(w, self.granularity, self.group_size)
+            return lsq_quantize(g, scale, self.qmin, self.qmax, factor).reshape(w.shape)
+        shape = (scale.shape[0],) + (1,) * (w.dim() - 1)  # [rows, 1, ...] or all ones
+        return lsq_quantize(w, scale.view(shape), self.qmin, self.qmax, factor)
+
     @torch.no_grad()
-    def _start(self, w: Tensor, g: Tensor) -> None:
-        """First quantized forward: LSQ's initial scale, the tracker's first levels."""
-        if not self.initialized:
+    def initialize_(self, w: Tensor) -> None:
+        """LSQ's initial scale and the tracker's first levels from ``w`` (rows), once per run;
+        a no-op when the state was initialised (or loaded) already. Call it outside a compiled
+        forward, before quantization starts: it reads a buffer on the host."""
+        if not bool(self.initialized):
             if self.method == "lsq":
+                g = grouped(w.detach(), self.granularity, self.group_size)
                 local(self.scale).copy_(2 * g.abs().mean(-1, keepdim=True) / math.sqrt(self.qmax))
             if self.track:
                 self.level.copy_(self.levels(w))
             self.initialized.fill_(True)
+        if self.track and self._any_frozen is None:
+            self._any_frozen = bool(self.frozen.any())
         self._ready = True
 
     def _track(self, q: Tensor) -> Tensor:
@@ -171,13 +234,18 @@ class WeightQuantizer(nn.Module):
             with torch.no_grad():
                 level = q.detach().to(torch.int16)
                 step = (level - self.level).sign().to(torch.int8)
+                keep = self.frozen
+                if torch.compiler.is_compiling():  # compiled forwards run this before the start step too: no effect then
+                    step = step * self._on
+                    keep = keep | ~self._on
                 flipped = (step != 0) & (step == -self.direction)
+                before = self.oscillation.clone() if torch.compiler.is_compiling() else None
                 self.oscillation.mul_(0.99).add_(flipped.float(), alpha=0.01)
+                if before is not None:
+                    self.oscillation.copy_(torch.where(self._on, self.oscillation, before))
                 self.direction.copy_(torch.where(step != 0, step, self.direction))
-                self.level.copy_(torch.where(self.frozen, self.level, level))
-        if self._any_frozen is None:
-            self._any_frozen = bool(self.frozen.any())
-        if self._any_frozen:
+                self.level.copy_(torch.where(keep, self.level, level))
+        if torch.compiler.is_compiling() or self._any_frozen:  # compiled: select always, no flag to guard on
             q = torch.where(self.frozen, self.level.to(q.dtype), q)
         return q
 
@@ -187,15 +255,16 @@ class WeightQuantizer(nn.Module):
         if not self.track:
             return 0
         self.frozen |= self.oscillation > threshold
-        self._any_frozen = None
-        return int(self.frozen.sum())
+        frozen = int(self.frozen.sum())
+        self._any_frozen = frozen > 0
+        return frozen
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super()._load_from_state_dict(*args, **kwargs)
         self._ready = self._any_frozen = None
 
 
-class ActivationQuantizer(nn.Module):
+class ActivationQuantizer(_Switch):
     """Fake-quantizes a layer's input (identity until ``enabled``).
 
     Args:
@@ -207,7 +276,7 @@ class ActivationQuantizer(nn.Module):
     def __init__(self, bits: int, method: str = "dynamic", per_token: bool = True) -> None:
         super().__init__()
         self.bits, self.method, self.per_token = bits, method, per_token
-        self.enabled = False
+        self._init_switch()
         self._signed: bool | None = None  # Python mirror of the buffer: no host sync per forward
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("signed", torch.tensor(False))
@@ -242,21 +311,19 @@ class ActivationQuantizer(nn.Module):
         self.initialized.fill_(True)
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():  # no Python state read, but for the one-off observation
+            if self._signed is None and self.method != "dynamic" and not self.enabled:
+                return _untouched(self, x)  # observe the first quantized batch, not an earlier one
+            return torch.where(self._on, self._quantize(x), x)
         if not self.enabled:
             return _untouched(self, x)
-        if self.method == "dynamic":
-            with torch.no_grad():  # the range covers every input, so the STE is the identity
-                rows = x.reshape(-1, x.shape[-1]) if self.per_token else x.reshape(1, -1)
-                # zero stays exactly representable; amin + amax beat aminmax along a dim on CPU (4x)
-                lo, hi = rows.amin(-1, keepdim=True).clamp_(max=0), rows.amax(-1, keepdim=True).clamp_(min=0)
-                s = ((hi - lo) / (2**self.bits - 1)).clamp_min(_EPS)
-                z = (-lo / s).round()
-                q = (rows / s).add_(z).round_().clamp_(0, 2**self.bits - 1).sub_(z).mul_(s)
-            return straight_through(x, q.reshape(x.shape))
+        return self._quantize(x)
+
+    def _quantize(self, x: Tensor) -> Tensor:
+        if self.method == "dynamic":  # the range covers every input, so the STE is the identity
+            return dynamic_quantize(x, self.bits, self.per_token)
         if self._signed is None:
-            if not self.initialized:
-                self._init(x)
-            self._signed = bool(self.signed)
+            self._observe(x)
         qmin, qmax = qrange(self.bits, self._signed)
         scale = local(self.scale)  # a replicated DTensor under FSDP2 (see .sharded)
         if self.method == "pact":
@@ -270,7 +337,15 @@ class ActivationQuantizer(nn.Module):
             qmin, qmax = 0, 2**self.bits - 1
             z = round_ste(grad_scale(local(self.zero_point), g))
             return (round_ste(torch.clamp(x / s + z, qmin, qmax)) - z) * s
-        return lsq_quantize(x, scale.abs().clamp_min(_EPS), qmin, qmax, g)
+        return lsq_quantize(x, scale, qmin, qmax, g)
+
+    @torch.compiler.disable
+    def _observe(self, x: Tensor) -> None:
+        """First quantized batch: initial scales from it (once per run; eager even in a compiled
+        forward, as it reads the observed sign on the host and all-reduces across ranks)."""
+        if not bool(self.initialized):
+            self._init(x.detach())
+        self._signed = bool(self.signed)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super()._load_from_state_dict(*args, **kwargs)
