@@ -1,5 +1,6 @@
 """Quantization-aware training: fake-quant math, quantizers, layer swap, integer export."""
 
+from . import fused
 from .export import dequantize, export_int, packed_bytes, to_int8_cpu_
 from .functional import (binarize, fake_quantize, grad_scale, grouped, lsq_quantize, qrange, reste_power, round_ste,
                          straight_through, ternarize)

@@ -31,6 +31,9 @@ import math
 import torch
 from torch import Tensor
 
+from .fused import factor as fused_factor
+from .fused import fused
+
 EPS = 1e-8  # smallest scale: an all-zero group still divides by something
 
 __all__ = [
@@ -111,6 +114,9 @@ def lsq_quantize(x: Tensor, scale: Tensor, qmin: int, qmax: int, grad_factor: fl
     ``fake_quantize`` with a zero offset, the scale's multiplied by ``grad_factor`` (LSQ's
     1 / sqrt(N Q_P)). ``scale`` broadcasts against ``x``.
     """
+    compiled = fused(_LSQ.apply, x)  # CUDA: a few fused kernels (see .fused)
+    if compiled is not None:
+        return compiled(x, scale, qmin, qmax, fused_factor(grad_factor, x))
     return _LSQ.apply(x, scale, qmin, qmax, grad_factor)
 
 
@@ -137,7 +143,8 @@ def dynamic_quantize(x: Tensor, bits: int, per_row: bool = True) -> Tensor:
     """``(clamp(round(x / s + z), 0, 2^b - 1) - z) * s`` with s, z from the min/max of each row of
     the last dimension (``per_row``) or of the whole tensor, the range widened to hold 0;
     gradient to ``x`` unchanged. No host sync, 15 kernels, none in the backward."""
-    return _Dynamic.apply(x, bits, per_row)
+    compiled = fused(_Dynamic.apply, x)
+    return compiled(x, bits, per_row) if compiled is not None else _Dynamic.apply(x, bits, per_row)
 
 
 class _StraightThrough(torch.autograd.Function):
