@@ -52,7 +52,9 @@ __all__ = [
     "quantiles",
     "quiet_lightning",
     "ratio_table",
+    "read_section_data",
     "save_figure",
+    "start",
     "timed",
     "trainer",
     "wait_for_quiet",
@@ -221,14 +223,15 @@ def quiet_lightning() -> None:
         warnings.filterwarnings("ignore", pattern)
 
 
-def trainer(**kwargs: Any) -> lightning.Trainer:
-    """A one-device CPU ``lightning.Trainer`` without logger, checkpoints, progress bar or model summary.
+def trainer(accelerator: str = "cpu", **kwargs: Any) -> lightning.Trainer:
+    """A one-device ``lightning.Trainer`` without logger, checkpoints, progress bar or model summary.
 
     Args:
+        accelerator: "cpu" (the default) or "cuda".
         **kwargs: further ``Trainer`` arguments (``max_steps``, ``callbacks``, ...).
     """
     return lightning.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
         logger=False,
         enable_checkpointing=False,
@@ -398,6 +401,19 @@ def write_section(name: str, markdown: str, path: str | Path = "docs/results.md"
     return path
 
 
+def read_section_data(name: str, path: str | Path = "docs/results.md") -> Any:
+    """The raw numbers ``write_section`` embedded in the ``NAME`` section (rounded), or None.
+
+    For a benchmark that re-runs part of its table and keeps the rest of the published one.
+    """
+    path = Path(path)
+    if not path.is_absolute():
+        path = REPO_ROOT / path
+    section = _section_pattern(name).search(path.read_text()) if path.exists() else None
+    raw = re.search(r"```json\n(.*?)\n```", section.group(0), re.S) if section else None
+    return json.loads(raw.group(1)) if raw else None
+
+
 _RESULTS_INTRO = "# Results — written by the scripts in benchmarks/; do not edit sections by hand\n"
 
 
@@ -493,10 +509,7 @@ def main(
         parser.add_argument("--seeds", type=int, default=seeds, help=seeds_help or f"seeds 0..N-1 (default {seeds})")
     parser.add_argument("--quick", action="store_true", help=f"smoke run: {quick}, docs untouched")
     args = parser.parse_args(argv)
-    global _SMOKE
-    _SMOKE = args.quick
-    torch.set_num_threads(threads)
-    quiet_lightning()
+    start(args.quick, threads)
     t0 = time.perf_counter()
     if seeds is None:
         results = run(args.quick)
@@ -504,6 +517,19 @@ def main(
         n = quick_seeds(args.seeds) if args.quick and quick_seeds is not None else args.seeds
         results = run(n, args.quick)
     publish(name, results, time.perf_counter() - t0, render, plot, alt, args.quick)
+
+
+def start(quick: bool, threads: int) -> None:
+    """What every benchmark does before measuring: note a smoke run, set the torch threads, quiet Lightning.
+
+    A smoke run uses one thread whatever ``threads`` says: it measures nothing, and on a 2-core
+    machine that another job keeps busy, two OpenMP threads wait for each other at every barrier
+    (a 13 ms step of ``overhead``'s MLP took 550 ms with two threads, 27 ms with one).
+    """
+    global _SMOKE
+    _SMOKE = quick
+    torch.set_num_threads(1 if quick else threads)
+    quiet_lightning()
 
 
 def pyplot():

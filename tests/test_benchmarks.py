@@ -11,9 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["ema_overhead", "averaging_quality", "pruning_overhead", "pruning_quality",
-                                  "dst_overhead", "dst_quality", "qat_overhead", "qat_quality", "real_models",
-                                  "sharded"])
+@pytest.mark.parametrize("name", ["overhead", "ema_overhead", "averaging_quality", "pruning_overhead",
+                                  "pruning_quality", "dst_overhead", "dst_quality", "qat_overhead", "qat_quality",
+                                  "real_models", "sharded"])
 def test_benchmark_quick_run(name):
     before = (ROOT / "docs" / "results.md").read_text()
     result = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--quick"], cwd=ROOT,
@@ -49,7 +49,32 @@ def test_quick_runs_never_wait_for_a_quiet_machine(monkeypatch):
         calls.append(harness.interleaved({"a": lambda: 1.0, "b": lambda: 2.0}, 2, max_foreign=0.0))
         return {}
 
-    harness.main("smoke", run, lambda r: "", lambda r, p: None, "", ["--quick"], quick="nothing", threads=threads)
-    assert calls == [{"a": [1.0, 1.0], "b": [2.0, 2.0]}]
-    with pytest.raises(AssertionError, match="waited"):  # without --quick the guard is on
-        harness.main("smoke", run, lambda r: "", lambda r, p: None, "", [], quick="nothing", threads=threads)
+    try:
+        harness.main("smoke", run, lambda r: "", lambda r, p: None, "", ["--quick"], quick="nothing", threads=threads)
+        assert calls == [{"a": [1.0, 1.0], "b": [2.0, 2.0]}]
+        assert torch.get_num_threads() == 1  # a smoke run measures nothing: one thread, robust on a busy machine
+        with pytest.raises(AssertionError, match="waited"):  # without --quick the guard is on
+            harness.main("smoke", run, lambda r: "", lambda r, p: None, "", [], quick="nothing", threads=threads)
+    finally:
+        torch.set_num_threads(threads)  # leave this process as it was
+
+
+def test_a_partial_overhead_run_keeps_the_rest_of_the_published_table(tmp_path):
+    # --model / --variants re-run part of the table (a GPU run must fit a 10-minute command): the
+    # rows not re-run come back from the data the section embeds; re-run rows replace theirs.
+    from benchmarks import harness, overhead
+
+    path = tmp_path / "results.md"
+    old = {"models": {"mlp": {"name": "MLP", "rows": {"plain": {"median": 0.01, "date": "old"},
+                                                      "EMA": {"ratio": 1.5, "date": "old"}}},
+                      "lm": {"name": "LM", "rows": {"plain": {"median": 0.1, "date": "old"}}}}}
+    harness.write_section("overhead", "## old", path=path, data=old)
+    assert harness.read_section_data("overhead", path) == old
+    new = {"settings": {"repeats": 2}, "models": {"mlp": {"name": "MLP", "rows": {"plain": {"median": 0.02, "date": "new"},
+                                                                                  "SWA": {"ratio": 1.1, "date": "new"}}}}}
+    out = overhead.merged("overhead", new, path)
+    assert out["settings"] == {"repeats": 2}
+    assert out["models"]["lm"] == old["models"]["lm"]
+    assert out["models"]["mlp"]["rows"] == {"plain": {"median": 0.02, "date": "new"}, "EMA": {"ratio": 1.5, "date": "old"},
+                                            "SWA": {"ratio": 1.1, "date": "new"}}
+    assert overhead.merged("absent", new, path)["models"] == new["models"]
