@@ -219,12 +219,12 @@ class _Sparsity(_Base):
         if self._mask_before_clip and step >= self._start:
             self.engine.mask_grads_()
 
-    def _log_density(self, pl_module: pl.LightningModule, prefix: str) -> tuple[dict[str, float], float]:
-        """Log global and per-layer sparsity; returns them."""
+    def _log_density(self, pl_module: pl.LightningModule, prefix: str) -> None:
+        """Log global and per-layer sparsity, as device tensors: the event waits for no count
+        (Python floats would each be a host-to-device copy)."""
         assert self.engine is not None
-        per_layer, total = self.engine.sparsity_report()
+        per_layer, total = self.engine.sparsity_tensors()
         pl_module.log(f"{prefix}/sparsity", total, on_step=True, on_epoch=False)
         for name, value in per_layer.items():
             pl_module.log(f"{prefix}/sparsity/{name}", value, on_step=True, on_epoch=False)
-        return per_layer, total
 

@@ -34,7 +34,7 @@ from ..core.sparsity import (
     random_scores,
     srigl_update,
 )
-from ..core.sparsity.engine import global_sums
+from ..core.sparsity.engine import global_sum_tensor, global_sums
 from ..core.targets import Targets
 from ._base import never_acts, run_length
 from ._sparsity import _Sparsity
@@ -217,7 +217,8 @@ class DynamicSparseTraining(_Sparsity):
                 counts[name] = n
         if counts:  # all layers at once: one set of collectives per update under FSDP2
             new.update(drop_and_grow({n: params[n] for n in counts}, {n: new[n] for n in counts}, counts, grow))
-        active = sum(engine.kept().values())
+        # weights active before the update (for the churn); without GraNet's prune, `kept` counted them
+        active = sum((engine.kept() if self.method == "granet" else kept).values())
         changed = engine.set_masks_(new, trainer.optimizers)
         for name, mask in masks.items():
             local(self._ever[name]).logical_or_(local(mask))
@@ -225,7 +226,7 @@ class DynamicSparseTraining(_Sparsity):
         self._churn = sum(changed.values()) / 2 / max(active, 1)  # replaced share of the active weights
         self._log_density(pl_module, "dst")
         pl_module.log("dst/churn", self._churn, on_step=True, on_epoch=False)
-        pl_module.log("dst/itop", self.itop, on_step=True, on_epoch=False)
+        pl_module.log("dst/itop", self._itop_tensor().float(), on_step=True, on_epoch=False)
         pl_module.log("dst/drop_fraction", fraction, on_step=True, on_epoch=False)
         if self.method == "srigl":
             pl_module.log("dst/ablated", float(self.ablated), on_step=True, on_epoch=False)
@@ -233,8 +234,12 @@ class DynamicSparseTraining(_Sparsity):
     @property
     def itop(self) -> float:
         """In-time over-parameterisation: the fraction of target weights ever active."""
+        return float(self._itop_tensor()) if self._ever else 0.0
+
+    def _itop_tensor(self) -> torch.Tensor:
+        """:attr:`itop` on the masks' device (no host sync: to log)."""
         total = sum(t.numel() for t in self._ever.values())
-        return sum(global_sums(list(self._ever.values()))) / max(total, 1)
+        return global_sum_tensor(list(self._ever.values())).sum().double() / max(total, 1)
 
     @property
     def ablated(self) -> int:

@@ -68,8 +68,8 @@ def _global_counts(scores: dict[str, Tensor], keep: int) -> dict[str, int]:
         return dict(zip(scores, counts))
     flat = torch.cat([s.reshape(-1).float() for s in scores.values()])
     kept = topk_mask(flat, keep)
-    counts = kept.split([s.numel() for s in scores.values()])
-    return {name: int(c.sum()) for name, c in zip(scores, counts)}
+    counts = torch.stack([c.sum() for c in kept.split([s.numel() for s in scores.values()])])
+    return dict(zip(scores, counts.tolist()))  # one host sync for all layers
 
 
 def allocate(

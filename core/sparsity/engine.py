@@ -37,7 +37,7 @@ from ..distributed import all_reduce_, group_of, is_sharded, local, scatter_like
 from ..distributed import like as _like
 from ..layers import LayerKind, as_rows, from_rows
 
-__all__ = ["MaskEngine", "global_sums", "laid_out_like", "mask_name", "masked_bits_"]
+__all__ = ["MaskEngine", "global_sum_tensor", "global_sums", "laid_out_like", "mask_name", "masked_bits_"]
 
 _BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
@@ -57,14 +57,18 @@ def global_sums(tensors: list[Tensor]) -> list[int]:
     """Sum of each tensor over all its shards: one all-reduce and one host sync for the list
     (for events and reports, never per step). Whole tensors are summed locally: every rank
     holds all of them."""
-    if not tensors:
-        return []
+    return global_sum_tensor(tensors).tolist() if tensors else []
+
+
+def global_sum_tensor(tensors: list[Tensor]) -> Tensor:
+    """:func:`global_sums` as an int64 tensor on the tensors' device, with no host sync (one
+    all-reduce for sharded ones)."""
     sums = torch.stack([local(t).sum(dtype=torch.int64) for t in tensors])
     sharded = [i for i, t in enumerate(tensors) if is_sharded(t)]
     if sharded:
         part = all_reduce_(sums[sharded].contiguous(), group_of(tensors[sharded[0]]))
         sums[sharded] = part
-    return sums.tolist()
+    return sums
 
 
 def laid_out_like(reference: Tensor, tensor: Tensor) -> Tensor:
@@ -180,7 +184,9 @@ class MaskEngine:
         for name, mask in new.items():
             param = self.params[name]
             old = local(self.masks[name])
-            mask = local(laid_out_like(param, mask)).to(old.device)
+            mask = local(laid_out_like(param, mask))
+            if mask.device != old.device:  # a blocking copy from the host would synchronise
+                mask = mask.to(old.device)
             changed = old ^ mask
             changed_local.append(changed)
             weight = local(param.detach())
@@ -202,6 +208,13 @@ class MaskEngine:
     def kept(self) -> dict[str, int]:
         """Kept weights per layer, over all shards (one all-reduce, one host sync)."""
         return dict(zip(self.masks, global_sums(list(self.masks.values()))))
+
+    def sparsity_tensors(self) -> tuple[dict[str, Tensor], Tensor]:
+        """:meth:`sparsity_report` as 0-dim float tensors on the masks' device, with no host sync
+        (to log: Lightning reads them when its logger writes)."""
+        kept = global_sum_tensor(list(self.masks.values())).float()
+        per_layer = {n: 1.0 - k / self.masks[n].numel() for n, k in zip(self.masks, kept)}
+        return per_layer, 1.0 - kept.sum() / max(sum(m.numel() for m in self.masks.values()), 1)
 
     def sparsity_report(self) -> tuple[dict[str, float], float]:
         """Per-layer and global sparsity of the masks (``numel`` of a DTensor is the whole tensor's)."""

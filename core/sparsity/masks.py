@@ -1,7 +1,7 @@
 """Mask selection: keep the k highest scores, or the N highest of every M consecutive inputs.
 
-Selection is O(N) with ``kthvalue`` (never a full sort) and deterministic: among scores
-equal to the threshold, the lowest flat indices are kept. Every rank computing a mask from
+Selection is O(N) with ``kthvalue`` (never a full sort), deterministic and free of host
+syncs: among scores equal to the threshold, the lowest flat indices are kept. Every rank computing a mask from
 the same scores therefore gets the same mask. A NaN score ranks below every number (an
 overflowing gradient never wins a slot, and exactly ``k`` entries are always kept).
 
@@ -46,9 +46,12 @@ def topk_mask(scores: Tensor, k: int) -> Tensor:
     # The (n - k + 1)-th smallest value is the k-th largest: the keep threshold.
     threshold = flat.kthvalue(n - k + 1).values
     keep = flat > threshold
-    ties = (flat == threshold).nonzero().squeeze(1)  # ascending flat indices
-    missing = k - int(keep.sum())
-    keep[ties[:missing]] = True
+    # Of the entries equal to the threshold, the first `missing` by flat index: counted on the
+    # device (a cumulative sum, int32 unless that could overflow), not by listing them, which
+    # would wait for the device twice.
+    ties = flat == threshold
+    missing = k - keep.sum()
+    keep |= ties & (ties.cumsum(0, dtype=torch.int32 if n < 2**31 else torch.int64) <= missing)
     return keep.view_as(scores)
 
 

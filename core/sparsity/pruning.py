@@ -46,13 +46,13 @@ def prune_masks(
     """
     if sharded.any_sharded([*scores.values(), *(masks[n] for n in scores)]):
         return _prune_sharded(scores, masks, sparsity, allocation, nm, floor)
-    live = {n: torch.where(masks[n], s.float(), torch.tensor(-1.0, device=s.device)) for n, s in scores.items()}
+    live = {n: torch.where(masks[n], s.float(), -1.0) for n, s in scores.items()}  # a scalar: no host-to-device copy
     if nm is not None:
         return {n: nm_mask(s, *nm) & masks[n] for n, s in live.items()}
     if isinstance(sparsity, dict):
         return {n: topk_mask(s, round((1.0 - sparsity[n]) * s.numel())) for n, s in live.items()}
     if allocation == "lamp":
-        ranked = {n: torch.where(masks[n], lamp_scores(s.clamp_min(0)), torch.tensor(-1.0, device=s.device)) for n, s in live.items()}
+        ranked = {n: torch.where(masks[n], lamp_scores(s.clamp_min(0)), -1.0) for n, s in live.items()}
         counts = allocate(ranked, sparsity, "global")
         return {n: topk_mask(ranked[n], counts[n]) for n in live}
     counts = allocate(live, sparsity, allocation, floor=floor)
