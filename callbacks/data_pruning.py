@@ -91,6 +91,10 @@ class DataPruning(_PerSample):
         self.seen: Tensor | None = None  # [N] bool
         self._touched: Tensor | None = None  # [N] bool: scored by this rank since the last merge (DDP)
         self._plan: tuple[int, Tensor, Tensor] | None = None  # (epoch, ordered ids, weight per item)
+        self._plan_rows: Tensor | None = None  # the plan's ids as [replicas, share], on the scores' device
+        self._batch_ids: Tensor | None = None  # this step's global batch ids, on the scores' device
+        self._module_index: Tensor | None = None  # ids a compiled step returned, checked after it
+        self._observed = False  # whether this step's losses were scored
         self._static_ids: Tensor | None = None
         self._forwarded = self._skip_batches = self._batch_idx = 0
         self._started, self._from_checkpoint, self._index_checked = False, False, -1
@@ -221,6 +225,18 @@ class DataPruning(_PerSample):
             self._touched = torch.zeros_like(self.seen)
         if self._plan is not None:
             self._plan = (self._plan[0], self._plan[1], self._plan[2].to(device))
+        self._lay_out_plan()
+
+    def _lay_out_plan(self) -> None:
+        """Row r of ``_plan_rows`` is replica r's share of the plan, on the scores' device: a step's
+        global-batch ids are then one slice of it, with no host-to-device copy (which would
+        synchronise the stream on CUDA) per step. Made when a plan is drawn or moved."""
+        if self._plan is None or self.scores is None or self._trainer is None:
+            self._plan_rows = None
+            return
+        ids, replicas = self._plan[1], data_parallel(self._trainer)[0]
+        usable = ids.numel() // replicas * replicas
+        self._plan_rows = ids[:usable].reshape(-1, replicas).t().contiguous().to(self.scores.device)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Set-up read the full-length loader (estimated_stepping_batches); from now on each
@@ -266,38 +282,62 @@ class DataPruning(_PerSample):
             per_rank -= 1 if per_rank > 1 and per_rank % self._batch_size == 1 else 0
             ids = ids[: per_rank * replicas]
             self._plan = (epoch, ids, weights.to(self.scores.device))
+            self._lay_out_plan()
             if epoch < self._trainer.max_epochs:  # Lightning may read the loader once more after the last epoch
                 rank_zero_info(f"DataPruning: epoch {epoch} trains on {ids.numel()} of {n} samples ({ids.numel() / n:.1%}).")
         return self._plan[1]
 
     # -- per step ----------------------------------------------------------------------------
+    # The training step (which the user may have compiled) reads tensors only: everything that
+    # depends on the batch's position is decided here, before it, so no guard of a compiled
+    # step sees a batch index or an epoch; counting and deferred checks come after it.
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._batch_idx = batch_idx
+        self._ids(trainer.current_epoch)  # the epoch's plan (drawn when its loader started)
+        assert self._plan_rows is not None
+        start = batch_idx * self._batch_size
+        # replicas' batches in rank order; a copy, not a view: a compiled step would guard on the
+        # size of the view's base (the epoch's plan), and recompile when an epoch is shorter
+        self._batch_ids = self._plan_rows[:, start:start + self._batch_size].reshape(-1).clone()
+        self._module_index, self._observed = None, False
 
     def _check_batch(self, trainer: pl.Trainer, losses: Tensor, index: Tensor | None) -> None:
-        (world, rank), ids = data_parallel(trainer), self._ids(trainer.current_epoch)
-        share, start = ids.numel() // world, self._batch_idx * self._batch_size
-        size = max(0, min(self._batch_size, share - start))  # this rank's batch, from the plan: no host sync
+        size = self._batch_ids.numel() // data_parallel(trainer)[0]  # this rank's batch, from the plan: no host sync
         if losses.numel() != size:
             raise ValueError(f"DataPruning: training_step returned {losses.numel()} per-sample losses for a batch of {size} "
                              "samples: return one loss per sample in batch order (e.g. average augmented views per "
                              "sample: losses.view(views, -1).mean(0)).")
-        if index is not None and self._index_checked != trainer.current_epoch:
-            self._index_checked = trainer.current_epoch  # comparing values is a host sync: once per epoch
-            drawn = ids[rank:share * world:world][start:start + size]
-            got = index.detach().long().cpu()
-            if not torch.equal(got, drawn):
-                raise ValueError(f"DataPruning: training_step's 'index' {got[:4].tolist()}... is not the dataset ids "
-                                 f"{drawn[:4].tolist()}... of the batch its sampler drew: return each sample's index in "
-                                 "the training dataset, or no index (DataPruning knows the ids).")
+        if index is None:
+            return
+        if torch.compiler.is_compiling():
+            self._module_index = index  # compared after the step, outside the compiled region
+        else:
+            self._check_index(trainer, index)
+
+    def _check_index(self, trainer: pl.Trainer, index: Tensor) -> None:
+        """The module's ids against the plan's, once per epoch (comparing values is a host sync)."""
+        if self._index_checked == trainer.current_epoch:
+            return
+        self._index_checked = trainer.current_epoch
+        (world, rank), ids = data_parallel(trainer), self._plan[1]
+        share, start = ids.numel() // world, self._batch_idx * self._batch_size
+        drawn = ids[rank:share * world:world][start:start + index.numel()]
+        got = index.detach().long().cpu()
+        if not torch.equal(got, drawn):
+            raise ValueError(f"DataPruning: training_step's 'index' {got[:4].tolist()}... is not the dataset ids "
+                             f"{drawn[:4].tolist()}... of the batch its sampler drew: return each sample's index in "
+                             "the training dataset, or no index (DataPruning knows the ids).")
 
     def _global_index(self, trainer: pl.Trainer, batch_size: int) -> Tensor:
-        ids = self._ids(trainer.current_epoch)
-        world = data_parallel(trainer)[0]
-        usable = ids.numel() // world * world
-        start = self._batch_idx * self._batch_size
-        parts = [ids[r:usable:world][start:start + batch_size] for r in range(world)]
-        return torch.cat(parts).to(self.scores.device)
+        return self._batch_ids
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._observed:
+            self._forwarded += self._batch_ids.numel()  # every replica forwards an equal share
+        if self._module_index is not None:
+            index, self._module_index = self._module_index, None
+            self._check_index(trainer, index)
 
     def _weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule, losses: Tensor,
                  index: Tensor | None) -> Tensor | None:
@@ -317,7 +357,7 @@ class DataPruning(_PerSample):
         self.seen[index] = True
         if self._touched is not None:
             self._touched[index] = True
-        self._forwarded += index.numel() * data_parallel(trainer)[0]  # every replica forwards an equal share
+        self._observed = True  # counted after the step
 
     def _merge(self) -> None:
         """Give every rank the scores all ranks wrote since the last merge (a collective).

@@ -60,12 +60,16 @@ class SampleReweighting(_PerSample):
         if self.temperature != 1.0 and rule in ("focal", "uniform"):
             raise ValueError(f"SampleReweighting temperature={temperature!r} has no effect with rule={rule!r}: drop "
                              "temperature or pick a softmax rule (linupper, quadratic, extremes, softmax, softmin).")
-        self._batches_weighted = 0
+        self._reset()
 
     def _reset(self) -> None:
         self._batches_weighted = 0
+        self._weighting = self._log_now = False  # decided per batch, before the training step
+        self._on: Tensor | None = None  # _weighting on the device, for a compiled training_step
+        self._last: Tensor | None = None  # this batch's weights, logged after the step
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._on = torch.zeros((), dtype=torch.bool, device=pl_module.device)
         total = run_length(trainer)  # None: Lightning cannot know it (then nothing to check)
         if total and self.warmup_steps >= total:
             never_acts(
@@ -78,22 +82,49 @@ class SampleReweighting(_PerSample):
     def state_key(self) -> str:
         return self._generate_state_key(rule=self.rule)
 
-    def _weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule, losses: Tensor,
-                 index: Tensor | None) -> Tensor | None:
-        if trainer.global_step < self.warmup_steps or self.rule == "uniform":
-            return None
-        if self.rule == "focal":
-            w = focal_weights(losses, self.gamma)
-        else:
-            w = loss_weights(losses, self.rule, self.temperature)
-        self._batches_weighted += 1
+    # The weights are computed inside the module's training_step (which the user may have
+    # compiled): what depends on the step is decided before it, logging happens after it.
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        weighting = trainer.global_step >= self.warmup_steps and self.rule != "uniform"
+        if self._on is not None and weighting != self._weighting:
+            self._on.fill_(weighting)  # a kernel with the value as its argument: no copy, no sync
+        self._weighting = weighting
         # Logging every step cost ~1 ms/step (benchmarks/reweighting_overhead): the first weighted
         # step, then on the Trainer's logging cadence.
-        if self._batches_weighted == 1 or (trainer.global_step + 1) % max(trainer.log_every_n_steps, 1) == 0:
+        self._log_now = self._batches_weighted == 0 or (trainer.global_step + 1) % max(trainer.log_every_n_steps, 1) == 0
+        self._last = None
+
+    def _weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule, losses: Tensor,
+                 index: Tensor | None) -> Tensor | None:
+        if self.rule == "uniform":
+            return None
+        if torch.compiler.is_compiling() and self._on is not None:
+            # Traced into a compiled training_step: select on the device flag, so the end of
+            # the warm-up reuses the graph (a Python branch would be a guard, and a recompile).
+            # Weights of 1 give exactly the plain mean.
+            w = torch.where(self._on, self._rule_weights(losses), 1.0)
+        elif self._weighting:
+            w = self._rule_weights(losses)
+        else:
+            return None
+        self._last = w
+        return w
+
+    def _rule_weights(self, losses: Tensor) -> Tensor:
+        if self.rule == "focal":
+            return focal_weights(losses, self.gamma)
+        return loss_weights(losses, self.rule, self.temperature)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        w, self._last = self._last, None
+        if w is None or not self._weighting:
+            return
+        self._batches_weighted += 1
+        if self._log_now:
             pl_module.log("reweight/ess", effective_sample_size(w), on_step=True, on_epoch=False)
             pl_module.log("reweight/entropy", weight_entropy(w), on_step=True, on_epoch=False)
             pl_module.log("reweight/max_weight", w.max(), on_step=True, on_epoch=False)
-        return w
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         rows = [("rule", f"{self.rule} (temperature {self.temperature})"),
