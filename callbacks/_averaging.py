@@ -137,22 +137,24 @@ class _Averaging(_Base):
         if step > self._last_step:
             self._last_step = step
             if self._due_after_step(step):
-                self._update(trainer, pl_module)
+                self._update(trainer, pl_module, step)
         # Epoch updates happen on the epoch's last batch, not in on_train_epoch_end: Lightning
         # validates (and ModelCheckpoint saves) before that hook, so a checkpoint would miss them.
         if batch_idx + 1 == trainer.num_training_batches and self._due_after_epoch(trainer.current_epoch, step):
-            self._update(trainer, pl_module, on_step=False)
+            self._update(trainer, pl_module, step, on_step=False)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if math.isinf(trainer.num_training_batches) and self._due_after_epoch(trainer.current_epoch, trainer.global_step):
-            self._update(trainer, pl_module, on_step=False)  # iterable data of unknown length
+        step = trainer.global_step
+        if math.isinf(trainer.num_training_batches) and self._due_after_epoch(trainer.current_epoch, step):
+            self._update(trainer, pl_module, step, on_step=False)  # iterable data of unknown length
 
-    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool = True) -> None:
+    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, on_step: bool = True) -> None:
         assert self.averaged is not None
         weight = self._weight()
         self.averaged.update_(weight)
-        # Lightning's log() costs ~0.1 ms; only pay it when the logger will write.
-        if not on_step or trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
+        # Lightning's log() costs ~0.1 ms, and each logged float is a host-to-device copy (a sync
+        # on CUDA): only pay it when the logger will write.
+        if not on_step or step % max(trainer.log_every_n_steps, 1) == 0:
             pl_module.log(f"{self.name}/weight", weight, on_step=on_step, on_epoch=not on_step)
             pl_module.log(f"{self.name}/updates", float(self.averaged.num_updates), on_step=on_step, on_epoch=not on_step)
 
