@@ -272,6 +272,9 @@ class GradualPruning(_Sparsity):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
+        if self._norms is not None:  # a run that stopped between a Wanda event's forward and its update
+            self._norms.__exit__()
+            self._norms = None
         if self._load_hook is not None:
             self._load_hook.remove()
             self._load_hook = None

@@ -3,10 +3,15 @@
 Averaging weights does not average what BatchNorm has seen: the running mean and variance
 of the last iterate do not belong to the averaged weights. SWA therefore ends with one
 forward pass over training data in train mode with cumulative (momentum=None) statistics.
+
+The pass runs eagerly even when the model was compiled: a cumulative average reads the
+batch counter on the host (``1 / float(num_batches_tracked)``), which would break the graph
+in every BatchNorm and recompile the training graph for momentum=None.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -50,13 +55,20 @@ def update_bn_(
     module.train()
     seen = 0
     try:
-        for batch in batches:
-            if max_batches is not None and seen >= max_batches:
-                break
-            forward(module, batch)
-            seen += 1
+        with _eager():
+            for batch in batches:
+                if max_batches is not None and seen >= max_batches:
+                    break
+                forward(module, batch)
+                seen += 1
     finally:
         for bn, momentum in zip(layers, momenta):
             bn.momentum = momentum
         module.train(was_training)
     return seen
+
+
+def _eager() -> contextlib.AbstractContextManager:
+    """Compiled code runs as plain eager Python inside (torch >= 2.6; older: unchanged)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()

@@ -3,7 +3,9 @@
 Wanda (Sun et al., 2024) scores ``|W_ij| * ||X_j||_2`` with ``X_j`` the j-th input feature
 of the layer over the data seen. :class:`InputNorms` collects the squared input norms with
 forward pre-hooks that are attached only around pruning events, so ordinary steps pay
-nothing.
+nothing. A compiled forward would skip hooks added after it was compiled (dynamo does not
+guard on hooks: the norms would silently stay empty), so compiled code runs eagerly while
+the norms are collected (torch >= 2.6): one eager step per event, no recompile.
 
 Example:
     >>> with InputNorms(modules) as norms:   # modules: {param name: owning nn.Module}
@@ -12,6 +14,8 @@ Example:
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import Tensor, nn
@@ -95,13 +99,24 @@ class InputNorms:
     def __enter__(self) -> InputNorms:
         self.sums = {}
         self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()]
+        self._eager = _force_eager()  # compiled forwards would not run the hooks
+        self._eager.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        eager, self._eager = getattr(self, "_eager", None), None
+        if eager is not None:
+            eager.__exit__(None, None, None)
 
     def norms(self) -> dict[str, Tensor]:
         """Squared input norms seen so far, per parameter name."""
         return dict(self.sums)
+
+
+def _force_eager() -> contextlib.AbstractContextManager:
+    """Compiled code runs as plain eager Python inside (torch >= 2.6; older: unchanged)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
