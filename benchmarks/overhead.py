@@ -562,7 +562,8 @@ def render(res: dict[str, Any]) -> str:
     cuda, compiled = s["device"] == "cuda", s["compile"]
     names = list(dict.fromkeys(v for m in ms.values() for v in m["rows"]))
     keys = list(ms)
-    where = (f"CUDA ({s['gpu']})" if cuda else f"CPU, {s['threads']} torch threads") + (", compiled" if compiled else "")
+    threads = f"{s['threads']} torch thread{'s' * (s['threads'] != 1)}"
+    where = (f"CUDA ({s['gpu']})" if cuda else f"CPU, {threads}") + (", compiled" if compiled else "")
     lines = [
         f"## Training-step overhead of every technique beside its peers ({where})",
         "",
