@@ -56,7 +56,8 @@ class _Quant:
         # Scales stay float32 when FSDP2's MixedPrecisionPolicy casts the weight (bf16): keep its dtype.
         w = self.weight_quantizer(as_rows(weight, kind)).to(weight.dtype)
         mask = getattr(self, "weight_mask", None)  # a Shard(0) buffer under FSDP2: gathered like the weight
-        return w * as_rows(full(mask), kind) if mask is not None else w
+        # where, not w * mask: a float times a bool mask is ~6x slower on CPU; pruned slots are +0 either way
+        return torch.where(as_rows(full(mask), kind), w, 0.0) if mask is not None else w
 
     def quantized_weight(self) -> Tensor:
         """The fake-quantized (and masked) weight in the layer's own layout."""
