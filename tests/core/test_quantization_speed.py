@@ -223,3 +223,22 @@ def test_data_initialised_inputs_recompile_around_their_first_quantized_batch_on
     assert frames[0] == frames[1] == 1
     assert frames[-1] == frames[3] <= 12, frames  # settled right after the start step
     assert sum(counters["graph_break"].values()) <= 10, dict(counters["graph_break"])  # 9 measured, all at the start
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not fused._has_triton(), reason="needs CUDA and triton")
+def test_fused_path_on_cuda_is_used_and_exact():
+    """On a GPU the fused path is the default: the same values and gradients as the eager nodes."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 96, device="cuda", requires_grad=True)
+    p = (torch.rand(64, 1, device="cuda") * 0.05 + 0.01).requires_grad_()
+    assert fused.fused_enabled(x)
+    out = F.lsq_quantize(x, p, -128, 127, 0.01)
+    out.backward(torch.ones_like(out))
+    grads = x.grad.clone(), p.grad.clone()
+    x.grad = p.grad = None
+    ref = F._LSQ.apply(x, p, -128, 127, 0.01)
+    ref.backward(torch.ones_like(ref))
+    assert F._LSQ.apply in fused._compiled and F._LSQ.apply not in fused._failed
+    assert torch.equal(out, ref) and torch.equal(grads[0], x.grad)
+    assert torch.allclose(grads[1], p.grad, rtol=1e-5)
+    assert torch.equal(F.dynamic_quantize(x, 8), F._Dynamic.apply(x, 8, True))
