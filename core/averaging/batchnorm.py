@@ -11,12 +11,13 @@ in every BatchNorm and recompile the training graph for momentum=None.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..compile import force_eager
 
 __all__ = ["batchnorm_layers", "update_bn_"]
 
@@ -55,7 +56,7 @@ def update_bn_(
     module.train()
     seen = 0
     try:
-        with _eager():
+        with force_eager():
             for batch in batches:
                 if max_batches is not None and seen >= max_batches:
                     break
@@ -67,8 +68,3 @@ def update_bn_(
         module.train(was_training)
     return seen
 
-
-def _eager() -> contextlib.AbstractContextManager:
-    """Compiled code runs as plain eager Python inside (torch >= 2.6; older: unchanged)."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()

@@ -23,6 +23,7 @@ __all__ = [
     "dequantize",
     "export_int",
     "fake_quantize",
+    "fused",
     "grad_scale",
     "grouped",
     "lsq_quantize",

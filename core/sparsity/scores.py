@@ -15,11 +15,10 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor, nn
 
+from ..compile import force_eager
 from ..distributed import is_sharded, like, local, shard_dim, shard_span
 from ..layers import layer_kind
 
@@ -99,7 +98,7 @@ class InputNorms:
     def __enter__(self) -> InputNorms:
         self.sums = {}
         self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()]
-        self._eager = _force_eager()  # compiled forwards would not run the hooks
+        self._eager = force_eager()  # compiled forwards would not run the hooks
         self._eager.__enter__()
         return self
 
@@ -115,8 +114,3 @@ class InputNorms:
         """Squared input norms seen so far, per parameter name."""
         return dict(self.sums)
 
-
-def _force_eager() -> contextlib.AbstractContextManager:
-    """Compiled code runs as plain eager Python inside (torch >= 2.6; older: unchanged)."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
