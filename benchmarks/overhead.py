@@ -276,7 +276,7 @@ class Settings:
 
     Args:
         device: "cpu" or "cuda".
-        compile: compile each module (``nn.Module.compile``, inductor) before its fit.
+        compile: compile each module's forward (``torch.compile``, inductor) before its fit.
         steps: optimizer steps per fit.
         epoch: batches per epoch (short epochs let Lightning's ModelPruning prune before the timed steps).
         warmup: steps not timed at the start of a fit (compilation included).
@@ -409,13 +409,14 @@ def fit_once(model: Model, variant: Variant, cfg: Settings, loader: DataLoader) 
     callbacks = variant.callbacks()
     timer = StepTimer(cfg.device == "cuda")
     if cfg.compile:
-        # In place (the module's call, hooks included; traced at the first forward, after the callbacks'
-        # set-up): Lightning's own path, a compiled module passed to fit, also compiles training_step, where
+        # The bound forward, in place (traced at the first forward, after the callbacks' set-up; parameter
+        # names unchanged). Not module.compile(): with torch 2.13 it hands dynamo no frame (nothing compiles).
+        # Not Lightning's own path, a compiled module passed to fit: it also compiles training_step, where
         # dynamo fails on self.log (torch 2.13, Lightning 2.6). Fresh caches: every fit compiles its own
         # module and never hits the recompile limit.
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-        module.compile()
+        module.forward = torch.compile(module.forward)
     # max_epochs only matters to DataPruning (it plans per epoch, and its epochs are shorter).
     trainer = harness.trainer(accelerator=cfg.device, precision=model.precision, max_steps=cfg.steps,
                               max_epochs=2 * math.ceil(cfg.steps / cfg.epoch) + 1, limit_val_batches=0,
