@@ -5,7 +5,8 @@ from .export import dequantize, export_int, packed_bytes, to_int8_cpu_
 from .functional import (binarize, fake_quantize, grad_scale, grouped, lsq_quantize, qrange, reste_power, round_ste,
                          straight_through, ternarize)
 from .modules import QUANT_CLASSES, QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear, prepare_, quant_modules, unprepare_
-from .quantizers import ACTIVATION_METHODS, WEIGHT_METHODS, ActivationQuantizer, WeightQuantizer
+from .activations import ACTIVATION_METHODS, ActivationQuantizer
+from .quantizers import WEIGHT_METHODS, WeightQuantizer
 from .sharded import average_gradients_, replicate_quantizers_
 
 __all__ = [

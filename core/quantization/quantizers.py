@@ -1,4 +1,4 @@
-"""Quantizer modules: one for a weight tensor, one for a layer's input activations.
+"""Weight quantizers, and the on/off switch every quantizer shares.
 
 Weights (symmetric, per tensor / output channel / group of inputs):
 - ``minmax``: scale = max|w| / Q_P, recomputed every forward (plain STE).
@@ -13,12 +13,7 @@ a change of level that reverses the direction of the previous change is an oscil
 and its EMA (momentum 0.01, as OFQ) is kept per weight. ``freeze_`` pins weights whose
 oscillation EMA exceeds a threshold to their current level (Nagel et al., 2022).
 
-Activations (the input of a quantized layer):
-- ``dynamic``: asymmetric min/max per token (Linear) or per tensor (conv), every forward.
-- ``lsq``: learned scale; signed or unsigned as the data observed at initialisation.
-- ``lsq+``: learned scale and offset (asymmetric).
-- ``pact``: learned clipping level alpha (symmetric if the observed inputs had negatives).
-Initial values are observed on the first quantized batch and averaged over DDP ranks.
+Activation quantizers are in ``.activations``; both share the switch below.
 
 No host syncs and no recompiles: what changes during training (on/off, ReSTE's exponent) is
 mirrored into 0-dim tensor buffers (not saved). Eager forwards branch on the Python value (no
@@ -26,8 +21,8 @@ work while off); under torch.compile the forward reads only the tensors and sele
 ``torch.where``, so switching quantization on at ``start_step`` reuses the compiled graph.
 Weight scales are initialised by ``initialize_`` outside the forward (the callback calls it
 when quantization starts). The data-initialised activation methods (lsq, lsq+, pact) observe
-their first quantized batch in eager code: under torch.compile that costs one graph break and
-one recompile, once.
+their first quantized batch in eager code: under torch.compile that costs graph breaks and
+recompiles at the start step and the step after, then none.
 
 Example:
     >>> wq = WeightQuantizer(linear.weight.shape, bits=4, method="lsq")
@@ -44,13 +39,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..distributed import local
-from .functional import (EPS, binarize, dynamic_quantize, grad_scale, grouped, lsq_quantize, qrange, round_ste,
-                         straight_through, ternarize)
+from .functional import EPS, binarize, grad_scale, grouped, lsq_quantize, qrange, round_ste, straight_through, ternarize
 
-__all__ = ["ActivationQuantizer", "WeightQuantizer", "WEIGHT_METHODS", "ACTIVATION_METHODS"]
+__all__ = ["WeightQuantizer", "WEIGHT_METHODS"]
 
 WEIGHT_METHODS = ("minmax", "lsq", "stat", "ternary", "binary")
-ACTIVATION_METHODS = ("dynamic", "lsq", "lsq+", "pact")
 _EPS = EPS
 
 
@@ -262,91 +255,3 @@ class WeightQuantizer(_Switch):
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super()._load_from_state_dict(*args, **kwargs)
         self._ready = self._any_frozen = None
-
-
-class ActivationQuantizer(_Switch):
-    """Fake-quantizes a layer's input (identity until ``enabled``).
-
-    Args:
-        bits: integer bits (2..8).
-        method: one of ``ACTIVATION_METHODS``.
-        per_token: for "dynamic", one scale per row of the last dimension (Linear inputs).
-    """
-
-    def __init__(self, bits: int, method: str = "dynamic", per_token: bool = True) -> None:
-        super().__init__()
-        self.bits, self.method, self.per_token = bits, method, per_token
-        self._init_switch()
-        self._signed: bool | None = None  # Python mirror of the buffer: no host sync per forward
-        self.register_buffer("initialized", torch.tensor(False))
-        self.register_buffer("signed", torch.tensor(False))
-        if method in ("lsq", "lsq+", "pact"):
-            self.scale = nn.Parameter(torch.ones(()))  # pact: the clipping level alpha
-        if method == "lsq+":
-            self.zero_point = nn.Parameter(torch.zeros(()))
-
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}, method={self.method}"
-
-    @property
-    def spec(self) -> dict:
-        """What defines this quantizer's grid."""
-        return {"bits": self.bits, "method": self.method, "per_token": self.per_token}
-
-    @torch.no_grad()
-    def _init(self, x: Tensor) -> None:
-        signed = _all_reduce_((x.min() < 0).float(), "max") > 0
-        self.signed.copy_(signed)
-        qmin, qmax = qrange(self.bits, bool(signed))
-        scale = local(self.scale)
-        if self.method == "lsq":
-            scale.copy_(_all_reduce_(2 * x.abs().mean() / math.sqrt(qmax)))
-        elif self.method == "pact":
-            scale.copy_(_all_reduce_(x.abs().amax(), "max"))
-        else:  # lsq+: asymmetric over the observed range
-            lo, hi = _all_reduce_(x.min()), _all_reduce_(x.max())
-            s = ((hi - lo) / (2**self.bits - 1)).clamp_min(_EPS)
-            scale.copy_(s)
-            local(self.zero_point).copy_(-lo / s)
-        self.initialized.fill_(True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():  # no Python state read, but for the one-off observation
-            if self._signed is None and self.method != "dynamic" and not self.enabled:
-                return _untouched(self, x)  # observe the first quantized batch, not an earlier one
-            return torch.where(self._on, self._quantize(x), x)
-        if not self.enabled:
-            return _untouched(self, x)
-        return self._quantize(x)
-
-    def _quantize(self, x: Tensor) -> Tensor:
-        if self.method == "dynamic":  # the range covers every input, so the STE is the identity
-            return dynamic_quantize(x, self.bits, self.per_token)
-        if self._signed is None:
-            self._observe(x)
-        qmin, qmax = qrange(self.bits, self._signed)
-        scale = local(self.scale)  # a replicated DTensor under FSDP2 (see .sharded)
-        if self.method == "pact":
-            alpha = scale
-            y = torch.minimum(torch.maximum(x, -alpha if self._signed else torch.zeros_like(alpha)), alpha)
-            s = alpha.detach().clamp_min(_EPS) / qmax
-            return round_ste(y / s) * s
-        g = 1.0 / math.sqrt(max(x[0].numel(), 1) * qmax)
-        if self.method == "lsq+":
-            s = grad_scale(scale, g).abs().clamp_min(_EPS)
-            qmin, qmax = 0, 2**self.bits - 1
-            z = round_ste(grad_scale(local(self.zero_point), g))
-            return (round_ste(torch.clamp(x / s + z, qmin, qmax)) - z) * s
-        return lsq_quantize(x, scale, qmin, qmax, g)
-
-    @torch.compiler.disable
-    def _observe(self, x: Tensor) -> None:
-        """First quantized batch: initial scales from it (once per run; eager even in a compiled
-        forward, as it reads the observed sign on the host and all-reduces across ranks)."""
-        if not bool(self.initialized):
-            self._init(x.detach())
-        self._signed = bool(self.signed)
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        super()._load_from_state_dict(*args, **kwargs)
-        self._signed = None
