@@ -1,5 +1,7 @@
 """The `lichtenberg` console script: recipes parse and run, the default job prints its summary."""
 
+import logging
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -49,12 +51,31 @@ def test_each_recipe_runs_with_fast_dev_run(name, capsys):
     assert "last iterate (raw weights)" in out
 
 
-def test_default_job_prints_raw_and_averaged_validation(capsys):
-    main(["fit", "--trainer.max_epochs", "1", *QUIET])
-    out = capsys.readouterr().out
+def test_default_job_is_quiet_and_prints_its_checkpoint_and_the_commands_that_use_it(capfd, caplog):
+    caplog.set_level(logging.INFO)  # what Lightning logs reaches the terminal outside pytest
+    main(["fit", "--trainer.max_epochs", "1"])
+    out, err = capfd.readouterr()
+    err += caplog.text
     assert "SmallCNN / DigitsDataModule" in out
     assert "val_acc, EMA average (40 updates)" in out  # 1257 train images / batch 32 = 40 steps
     assert "the model now holds" in out and "EMA average" in out
+    assert "epoch 1/1  step 40  " in out and "val_acc " in out  # per-epoch metrics
+    for noise in ("GPU available", "TPU available", "Tip:", "Seed set", "does not have many workers"):
+        assert noise not in out + err, noise
+    (ckpt,) = Path("lightning_logs").glob("version_0/checkpoints/*.ckpt")
+    assert f"checkpoint: {ckpt}" in out
+    commands = [line.strip() for line in out.split("\nnext:\n")[1].splitlines() if line.strip().startswith("lichtenberg ")]
+    assert [c.split()[1] for c in commands] == ["validate", "test", "export"]
+    main(shlex.split(commands[0])[1:])  # the printed command runs as printed
+    assert "val_acc" in capfd.readouterr().out
+
+
+def test_verbose_brings_lightnings_banners_back(caplog):
+    caplog.set_level(logging.INFO)
+    main(["fit", "--trainer.fast_dev_run", "1", *QUIET])
+    assert "GPU available" not in caplog.text
+    main(["fit", "-v", "--trainer.fast_dev_run", "1", *QUIET])
+    assert "GPU available" in caplog.text
 
 
 def test_print_config_feeds_back_into_fit(tmp_path, capsys):
@@ -69,18 +90,89 @@ def test_print_config_feeds_back_into_fit(tmp_path, capsys):
     assert "SWA average" in capsys.readouterr().out
 
 
-def test_bad_callback_argument_fails_before_training(tmp_path):
+def test_bad_callback_argument_fails_before_training_in_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"trainer": {"callbacks": [
         {"class_path": "lichtenberg.callbacks.EMA", "init_args": {"decay": 1.5}}]}}))
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(SystemExit) as info:
         main(["fit", "--config", "default", "--config", str(bad), *QUIET])
-    messages, err = [], info.value
-    while err is not None:  # jsonargparse wraps the callback's own error
-        messages.append(str(err))
-        err = err.__cause__ or err.__context__
-    assert any("decay=1.5 must lie in (0, 1)" in m for m in messages), messages
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "lichtenberg: error: EMA decay=1.5 must lie in (0, 1); typical values are 0.999 to 0.9999.", err
+    assert len(err) == 2 and "--debug" in err[1]
     assert not (tmp_path / "lightning_logs").exists(), "nothing trained"
+    with pytest.raises(ValueError, match=r"decay=1.5 must lie in \(0, 1\)"):  # --debug: the error itself
+        main(["fit", "--config", "default", "--config", str(bad), "--debug", *QUIET])
+
+
+TYPO = {"trainer": {"max_epoch": 3}}
+CALLBACK_TYPO = {"trainer": {"callbacks": [{"class_path": "lichtenberg.callbacks.EMA", "init_args": {"decy": 0.5}}]}}
+CLASS_TYPO = {"trainer": {"callbacks": [{"class_path": "lichtenberg.callbacks.EMAA"}]}}
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config", TYPO], "trainer.max_epoch is not an argument of the trainer (did you mean 'max_epochs'?)"),
+    (["--trainer.max_epochz", "3"], "--trainer.max_epochz is not an option (did you mean 'max_epochs'?)"),
+    (["--config", CALLBACK_TYPO], "'decy' is not an argument of lichtenberg.callbacks.EMA (did you mean 'decay'?)"),
+    (["--config", CLASS_TYPO], "lichtenberg.callbacks.EMAA does not exist (did you mean 'lichtenberg.callbacks.EMA'?)"),
+    (["--model.init_args.chanels", "3"], "'chanels' is not an argument of lichtenberg.cli.models.SmallCNN (did you mean 'channels'?)"),
+    (["--model.init_args.lr", "abc"], "model.lr: expected float, got 'abc'"),
+    (["--model.class_path", "SmallCN"], "(did you mean 'lichtenberg.cli.models.SmallCNN'?)"),
+    (["--config", "defualt"], "'defualt' is neither a file nor a shipped recipe (did you mean 'default'?)"),
+])
+def test_configuration_errors_are_one_line_with_a_suggestion(args, expected, tmp_path, capsys):
+    args = [str(_write(tmp_path, a)) if isinstance(a, dict) else a for a in args]
+    with pytest.raises(SystemExit) as info:
+        main(["fit", *args, *QUIET])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("lichtenberg: error: ") and expected in err[0], err
+
+
+def _write(tmp_path, config: dict):
+    path = tmp_path / f"config{len(list(tmp_path.glob('*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_unknown_command_gets_a_suggestion(capsys):
+    with pytest.raises(SystemExit):
+        main(["fti"])
+    assert "unknown command 'fti' (did you mean 'fit'?)" in capsys.readouterr().err
+
+
+def test_help_lists_every_command_without_importing_lightning():
+    code = ("import sys; from lichtenberg.cli import main; main(['--help']); main(['recipes']); "
+            "print('imported:', sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'jsonargparse', 'torch')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for command in ("fit", "validate", "test", "predict", "recipes", "export", "merge"):
+        assert f"\n  {command} " in out, command
+    assert "default " in out and "swa-digits " in out
+    assert "imported: []" in out
+
+
+def test_callbacks_only_yaml_runs_on_the_default_model_and_data(tmp_path, capsys):
+    mine = _write(tmp_path, {"trainer": {"callbacks": [{"class_path": "lichtenberg.callbacks.SWA",
+                                                        "init_args": {"start": 0.5}}]}})
+    resolved = _resolve_args(["fit", "--config", str(mine)])
+    assert resolved[1:3] == ["--config", recipe_path("default")] and resolved[4] == str(mine)
+    main(["fit", "--config", str(mine), "--trainer.fast_dev_run", "2", *QUIET])
+    out = capsys.readouterr().out
+    assert "SmallCNN / DigitsDataModule" in out and "SWA average" in out and "EMA average" not in out  # replaced
+
+
+def test_a_live_progress_bar_in_a_terminal_and_epoch_lines_elsewhere(monkeypatch):
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from lichtenberg.cli.main import build
+    from lichtenberg.cli.runner import EpochLines
+
+    for recipe in recipes():
+        monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+        assert isinstance(build([recipe]).trainer.progress_bar_callback, RichProgressBar), recipe
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    trainer = build(["default"]).trainer
+    assert trainer.progress_bar_callback is None and any(isinstance(c, EpochLines) for c in trainer.callbacks)
 
 
 def test_console_script_lists_recipes():
