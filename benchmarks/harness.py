@@ -376,19 +376,33 @@ def _section_pattern(name: str) -> re.Pattern:
     return re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
 
 
+def data_path(name: str, path: str | Path = "docs/results.md") -> Path:
+    """Where the raw numbers of section ``NAME`` live: ``benchmarks/results/NAME.json`` for the
+    repository's docs/results.md (committed), ``<stem>-data/NAME.json`` beside any other file."""
+    path = Path(path)
+    if not path.is_absolute():
+        path = REPO_ROOT / path
+    if path == REPO_ROOT / "docs" / "results.md":
+        return REPO_ROOT / "benchmarks" / "results" / f"{name}.json"
+    return path.parent / f"{path.stem}-data" / f"{name}.json"
+
+
 def write_section(name: str, markdown: str, path: str | Path = "docs/results.md", data: Any = None) -> Path:
     """Replace (or append) the ``NAME`` section of ``path``, leaving every other section as it is.
 
-    With ``data``, the raw numbers are appended to the section as collapsed JSON, so the
-    committed file stays traceable even though ``benchmarks/out/`` is not committed.
+    With ``data``, the raw numbers go to a committed JSON file (``data_path``) and the section
+    ends with a link to it: results.md keeps tables, plots and prose.
     """
     path = Path(path)
     if not path.is_absolute():
         path = REPO_ROOT / path
     body = markdown.strip()
     if data is not None:
-        raw = json.dumps(_rounded(data), separators=(",", ":"), default=_json_default)
-        body += f"\n\n<details><summary>raw data ({name})</summary>\n\n```json\n{raw}\n```\n\n</details>"
+        raw = data_path(name, path)
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        raw.write_text(json.dumps(_rounded(data), indent=1, default=_json_default) + "\n")
+        link = os.path.relpath(raw, path.parent)
+        body += f"\n\nRaw data: [{raw.relative_to(REPO_ROOT) if raw.is_relative_to(REPO_ROOT) else raw.name}]({link})"
     block = f"<!-- bench:{name} -->\n{body}\n<!-- /bench:{name} -->"
     text = path.read_text() if path.exists() else _RESULTS_INTRO
     pattern = _section_pattern(name)
@@ -402,23 +416,19 @@ def write_section(name: str, markdown: str, path: str | Path = "docs/results.md"
 
 
 def read_section_data(name: str, path: str | Path = "docs/results.md") -> Any:
-    """The raw numbers ``write_section`` embedded in the ``NAME`` section (rounded), or None.
+    """The raw numbers ``write_section`` stored for the ``NAME`` section (rounded), or None.
 
     For a benchmark that re-runs part of its table and keeps the rest of the published one.
     """
-    path = Path(path)
-    if not path.is_absolute():
-        path = REPO_ROOT / path
-    section = _section_pattern(name).search(path.read_text()) if path.exists() else None
-    raw = re.search(r"```json\n(.*?)\n```", section.group(0), re.S) if section else None
-    return json.loads(raw.group(1)) if raw else None
+    raw = data_path(name, path)
+    return json.loads(raw.read_text()) if raw.exists() else None
 
 
 _RESULTS_INTRO = "# Results — written by the scripts in benchmarks/; do not edit sections by hand\n"
 
 
 def write_json(name: str, data: Any) -> Path:
-    """Write ``benchmarks/out/NAME.json`` (git-ignored; the section embeds the same data)."""
+    """Write ``benchmarks/out/NAME.json`` (git-ignored scratch; published data goes to ``data_path``)."""
     out = REPO_ROOT / "benchmarks" / "out" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1, default=_json_default))

@@ -70,6 +70,8 @@ def test_a_partial_overhead_run_keeps_the_rest_of_the_published_table(tmp_path):
                       "lm": {"name": "LM", "rows": {"plain": {"median": 0.1, "date": "old"}}}}}
     harness.write_section("overhead", "## old", path=path, data=old)
     assert harness.read_section_data("overhead", path) == old
+    text = path.read_text()  # the numbers live in a linked file, not in the markdown
+    assert "Raw data: [" in text and "(results-data/overhead.json)" in text and '"median"' not in text
     new = {"settings": {"repeats": 2}, "models": {"mlp": {"name": "MLP", "rows": {"plain": {"median": 0.02, "date": "new"},
                                                                                   "SWA": {"ratio": 1.1, "date": "new"}}}}}
     out = overhead.merged("overhead", new, path)
