@@ -8,6 +8,7 @@ the same arguments yield the same batches in the same order.
 
 from __future__ import annotations
 
+import functools
 import random
 
 import numpy as np
@@ -233,28 +234,35 @@ class MNIST1DDataModule(_TensorDataModule):
         self.val_fraction = val_fraction
 
     def _build(self) -> None:
-        from mnist1d.data import get_dataset_args, make_dataset
-
-        args = get_dataset_args()
-        args.num_samples = self.num_samples
-        args.seed = self.seed
-        # make_dataset reseeds the global `random` and numpy RNGs; put them back so
-        # building data does not perturb anything else seeded by the user.
-        py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            d = make_dataset(args)
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-
-        x = torch.from_numpy(d["x"]).float()  # [0.8 N, 40]
-        y = torch.from_numpy(d["y"]).long()  # [0.8 N]
+        x, y, x_test, y_test = (t.clone() for t in _mnist1d(self.num_samples, self.seed))  # nobody edits the cache
         perm = torch.from_numpy(np.random.default_rng(self.seed).permutation(len(y)))
         n_val = min(max(1, round(self.val_fraction * len(y))), len(y) - 1)  # both splits non-empty
         val_idx, train_idx = perm[:n_val], perm[n_val:]
         self.train_set = TensorDataset(x[train_idx], y[train_idx])
         self.val_set = TensorDataset(x[val_idx], y[val_idx])
-        self.test_set = TensorDataset(torch.from_numpy(d["x_test"]).float(), torch.from_numpy(d["y_test"]).long())
+        self.test_set = TensorDataset(x_test, y_test)
+
+
+# Generating 4000 signals takes seconds, more than a short fit: a process that builds the same
+# data twice (a sweep, the summary's evaluations, the test suite) generates it once.
+@functools.lru_cache(maxsize=4)
+def _mnist1d(num_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MNIST-1D's ``x [0.8 N, 40]``, ``y [0.8 N]``, ``x_test [0.2 N, 40]``, ``y_test [0.2 N]``."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    args.seed = seed
+    # make_dataset reseeds the global `random` and numpy RNGs; put them back so
+    # building data does not perturb anything else seeded by the user.
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        d = make_dataset(args)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    return (torch.from_numpy(d["x"]).float(), torch.from_numpy(d["y"]).long(),
+            torch.from_numpy(d["x_test"]).float(), torch.from_numpy(d["y_test"]).long())
 
 
 class CharTextDataModule(_TensorDataModule):

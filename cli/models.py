@@ -38,6 +38,9 @@ class DemoModule(LightningModule):
         scheduler: ``none`` keeps ``lr`` fixed; ``cosine`` anneals it to 0 over the
             trainer's estimated stepping batches, updated every step.
         num_classes: Classes for the val/test accuracy; ``None`` logs no accuracy (language models).
+        fused: Passed to ``adam``/``adamw`` as ``fused=`` when not ``None`` (``None`` keeps torch's
+            default). ``True`` is the fast choice on CPU with sparsity masks: torch's default CPU
+            Adam slows down on the exact zeros that masks create. Not for ``sgd``.
     """
 
     def __init__(
@@ -48,6 +51,7 @@ class DemoModule(LightningModule):
         momentum: float = 0.9,
         scheduler: SchedulerName = "none",
         num_classes: Optional[int] = None,
+        fused: Optional[bool] = None,
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -58,11 +62,16 @@ class DemoModule(LightningModule):
             raise ValueError(f"optimizer={optimizer!r} is unknown; use 'sgd', 'adam' or 'adamw'.")
         if scheduler not in ("none", "cosine"):
             raise ValueError(f"scheduler={scheduler!r} is unknown; use 'none' or 'cosine'.")
+        if fused is not None and not isinstance(fused, bool):
+            raise ValueError(f"fused={fused!r} must be true, false or null (torch's default).")
+        if fused is not None and optimizer == "sgd":
+            raise ValueError(f"fused={fused} only applies to optimizer='adam' or 'adamw', not 'sgd'; drop fused.")
         self.lr = lr
         self.weight_decay = weight_decay
         self.optimizer_name = optimizer
         self.momentum = momentum
         self.scheduler_name = scheduler
+        self.fused = fused
         # One metric per stage so a validation run inside fit never mixes with test state.
         self.accuracy = (
             nn.ModuleDict({s: MulticlassAccuracy(num_classes, average="micro") for s in ("val", "test")})
@@ -125,10 +134,11 @@ class DemoModule(LightningModule):
         params = self.parameters()
         if self.optimizer_name == "sgd":
             opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        elif self.optimizer_name == "adam":
-            opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
         else:
-            opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+            # Only an explicit choice is passed on: torch picks its own default otherwise.
+            extra = {} if self.fused is None else {"fused": self.fused}
+            adam = torch.optim.Adam if self.optimizer_name == "adam" else torch.optim.AdamW
+            opt = adam(params, lr=self.lr, weight_decay=self.weight_decay, **extra)
         if self.scheduler_name == "none":
             return opt
         total = self.trainer.estimated_stepping_batches
@@ -151,6 +161,7 @@ class MLP(DemoModule):
         optimizer: See ``DemoModule``.
         momentum: See ``DemoModule``.
         scheduler: See ``DemoModule``.
+        fused: See ``DemoModule``.
     """
 
     def __init__(
@@ -164,8 +175,9 @@ class MLP(DemoModule):
         optimizer: OptimizerName = "adam",
         momentum: float = 0.9,
         scheduler: SchedulerName = "none",
+        fused: Optional[bool] = None,
     ) -> None:
-        super().__init__(lr, weight_decay, optimizer, momentum, scheduler, num_classes=num_classes)
+        super().__init__(lr, weight_decay, optimizer, momentum, scheduler, num_classes=num_classes, fused=fused)
         self.save_hyperparameters()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout} must be in [0, 1); pass 0 to disable it.")
@@ -192,6 +204,7 @@ class SmallCNN(DemoModule):
         optimizer: See ``DemoModule``.
         momentum: See ``DemoModule``.
         scheduler: See ``DemoModule``.
+        fused: See ``DemoModule``.
     """
 
     def __init__(
@@ -204,8 +217,9 @@ class SmallCNN(DemoModule):
         optimizer: OptimizerName = "adam",
         momentum: float = 0.9,
         scheduler: SchedulerName = "none",
+        fused: Optional[bool] = None,
     ) -> None:
-        super().__init__(lr, weight_decay, optimizer, momentum, scheduler, num_classes=num_classes)
+        super().__init__(lr, weight_decay, optimizer, momentum, scheduler, num_classes=num_classes, fused=fused)
         self.save_hyperparameters()
         c = channels
         self.features = nn.Sequential(
@@ -277,6 +291,7 @@ class TinyTransformerLM(DemoModule):
         optimizer: See ``DemoModule``.
         momentum: See ``DemoModule``.
         scheduler: See ``DemoModule``.
+        fused: See ``DemoModule``.
     """
 
     def __init__(
@@ -292,8 +307,9 @@ class TinyTransformerLM(DemoModule):
         optimizer: OptimizerName = "adam",
         momentum: float = 0.9,
         scheduler: SchedulerName = "none",
+        fused: Optional[bool] = None,
     ) -> None:
-        super().__init__(lr, weight_decay, optimizer, momentum, scheduler, num_classes=None)
+        super().__init__(lr, weight_decay, optimizer, momentum, scheduler, num_classes=None, fused=fused)
         self.save_hyperparameters()
         if d_model % n_heads:
             raise ValueError(

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LightningCLI
 
-from lichtenberg.cli.data import CharTextDataModule, DigitsDataModule, MNIST1DDataModule
+from lichtenberg.cli.data import CharTextDataModule, DigitsDataModule, MNIST1DDataModule, _mnist1d
 from lichtenberg.cli.models import MLP, DemoModule, SmallCNN, TinyTransformerLM
 
 N_DIGITS = 1797
@@ -165,6 +165,7 @@ def test_mnist1d_shapes_and_split():
 
 
 def test_mnist1d_deterministic_and_keeps_global_rng():
+    _mnist1d.cache_clear()  # generate for real, twice: a cached copy would prove nothing
     np.random.seed(123)
     random.seed(123)
     expected_np, expected_py = np.random.rand(), random.random()
@@ -172,11 +173,19 @@ def test_mnist1d_deterministic_and_keeps_global_rng():
     random.seed(123)
     a = _built(MNIST1DDataModule(num_samples=500, seed=1))
     assert (np.random.rand(), random.random()) == (expected_np, expected_py)
+    _mnist1d.cache_clear()
     b = _built(MNIST1DDataModule(num_samples=500, seed=1))
     c = _built(MNIST1DDataModule(num_samples=500, seed=2))
     assert torch.equal(a.train_set.tensors[0], b.train_set.tensors[0])
     assert torch.equal(_epoch_targets(a), _epoch_targets(b))
     assert not torch.equal(a.test_set.tensors[0], c.test_set.tensors[0])
+
+
+def test_mnist1d_cache_hands_out_copies():
+    a = _built(MNIST1DDataModule(num_samples=500, seed=1))
+    a.test_set.tensors[0].zero_()  # a module that edits its data in place (the test split is not re-indexed)
+    b = _built(MNIST1DDataModule(num_samples=500, seed=1))
+    assert b.test_set.tensors[0].abs().sum() > 0
 
 
 # --------------------------------------------------------------------------- character text
@@ -259,11 +268,24 @@ def test_lm_head_is_tied_to_embedding():
         (SmallCNN, dict(lr=0.0), "lr=0.0"),
         (SmallCNN, dict(scheduler="step"), "scheduler='step'"),
         (TinyTransformerLM, dict(d_model=30, n_heads=4), "d_model=30"),
+        (SmallCNN, dict(optimizer="sgd", fused=True), "fused=True only applies to optimizer='adam' or 'adamw'"),
+        (MLP, dict(fused="yes"), "fused='yes' must be true, false or null"),
     ],
 )
 def test_models_reject_bad_arguments(cls, kwargs, bad):
     with pytest.raises(ValueError, match=bad):
         cls(**kwargs)
+
+
+@pytest.mark.parametrize("optimizer, cls", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
+@pytest.mark.parametrize("fused", [None, True, False])
+def test_fused_reaches_adam_only_when_asked(optimizer, cls, fused):
+    model = MLP(in_features=40, hidden=[8], optimizer=optimizer, fused=fused)
+    opt = model.configure_optimizers()
+    assert type(opt) is cls
+    assert opt.defaults["fused"] is fused  # None: torch's own default, untouched
+    model(torch.randn(4, 40)).sum().backward()
+    opt.step()  # the fused CPU kernel exists (torch >= 2.4)
 
 
 def test_small_cnn_learns_digits_and_logs_exact_accuracy():
