@@ -6,6 +6,7 @@ from .data_pruning import DataPruning
 from .pruning import GradualPruning
 from .quantization import QuantizationAwareTraining
 from .reweighting import SampleReweighting
+from .soup import Soup
 from .sparse_training import DynamicSparseTraining
 
 __all__ = [
@@ -16,5 +17,6 @@ __all__ = [
     "QuantizationAwareTraining",
     "SWA",
     "SampleReweighting",
+    "Soup",
     "weighted_loss",
 ]

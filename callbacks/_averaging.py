@@ -32,10 +32,19 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from ..core.averaging import AveragedWeights, attach_buffers_, detach_buffers_, load_tensors_, read_buffers, reshard_
+from ..core.averaging import (
+    AveragedWeights,
+    attach_buffers_,
+    batchnorm_layers,
+    detach_buffers_,
+    load_tensors_,
+    read_buffers,
+    reshard_,
+    update_bn_,
+)
 from ..core.checks import check_bool
 from ..core.distributed import check_layout, full, is_sharded
-from ._base import _Base, after_configure_model
+from ._base import _Base, after_configure_model, overrides
 from ._strategy import check_strategy, is_fsdp2
 from ._summary import format_table
 
@@ -216,6 +225,47 @@ class _Averaging(_Base):
             held = "the raw training weights"
         rows.append(("module now holds", held))
         rank_zero_info(format_table(f"{type(self).__name__} summary", rows))
+
+    # -- BatchNorm re-estimation (SWA, Soup) -------------------------------------------------
+    def bn_forward(self, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Run the model on one training batch for the BatchNorm pass (override for other batch types)."""
+        pl_module(batch[0] if isinstance(batch, (list, tuple)) else batch)
+
+    def _check_bn_forward(self, pl_module: pl.LightningModule, skip: str) -> None:
+        """At fit start: ValueError if the BatchNorm pass would call a module that defines no forward."""
+        if batchnorm_layers(pl_module) and type(self).bn_forward is _Averaging.bn_forward and not overrides(pl_module, "forward"):
+            name = type(self).__name__
+            raise ValueError(
+                f"{name} re-estimates BatchNorm statistics at the end with `bn_forward`, which calls the module, but "
+                f"{type(pl_module).__name__} defines no forward: override {name}.bn_forward(pl_module, batch) to run your "
+                f"layers, or {skip} to skip the pass."
+            )
+
+    def _bn_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule, max_batches: int | None) -> int:
+        """Re-estimate BatchNorm statistics for the averages the module holds, over ``max_batches``
+        training batches (None: one epoch, 0: none), and store them as the buffers' averages;
+        returns the batches seen. Under DDP / FSDP2 the per-rank statistics are averaged."""
+        assert self.averaged is not None
+        layers = batchnorm_layers(pl_module)
+        if not layers or max_batches == 0:
+            return 0
+        precision = trainer.precision_plugin
+        batches = (precision.convert_input(trainer.strategy.batch_to_device(b)) for b in trainer.train_dataloader)
+        try:
+            with precision.forward_context():  # the dtype and autocast the training forward ran under
+                seen = update_bn_(pl_module, batches, lambda m, b: self.bn_forward(m, b), max_batches)
+        except BaseException:  # leave the module as training left it: raw weights and their statistics
+            self._release_averaged(pl_module)
+            raise
+        reshard_(pl_module)  # FSDP2: drop the copies the pass gathered; the shards hold the averages
+        buffers = {n: b for n, b in pl_module.named_buffers() if n in self.averaged.tensors}
+        with torch.no_grad():
+            for bn in layers:  # each rank saw its own shard: agree on the mean statistics
+                for stat in (bn.running_mean, bn.running_var):
+                    if stat is not None:
+                        stat.copy_(trainer.strategy.reduce(stat.clone(), reduce_op="mean"))
+        load_tensors_(self.averaged.tensors, {n: buffers[n] for n in buffers})
+        return seen
 
     @property
     def raw_weights(self) -> dict[str, torch.Tensor] | None:

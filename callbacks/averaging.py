@@ -10,13 +10,12 @@ import math
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from ..core.averaging import batchnorm_layers, ema_decay, load_tensors_, reshard_, update_bn_
+from ..core.averaging import ema_decay
 from ..core.checks import check_choice, check_int, check_real
 from ..core.schedules import resolve_step
-from ._base import never_acts, overrides, run_length
+from ._base import never_acts, run_length
 from ._averaging import _Averaging
 
 __all__ = ["EMA", "SWA"]
@@ -196,13 +195,8 @@ class SWA(_Averaging):
             never_acts(trainer, f"SWA every_n={self.every_n} {self.interval}(s) from optimizer step {self._start_step} "
                        f"never adds a snapshot in this run ({total} steps, max_epochs={trainer.max_epochs}): lower every_n "
                        "or train longer.")
-        if (self.apply_at_end and self.bn_batches != 0 and batchnorm_layers(pl_module)
-                and type(self).bn_forward is SWA.bn_forward and not overrides(pl_module, "forward")):
-            raise ValueError(
-                f"SWA re-estimates BatchNorm statistics at the end with `bn_forward`, which calls the module, but "
-                f"{type(pl_module).__name__} defines no forward: override SWA.bn_forward(pl_module, batch) to run your "
-                "layers, or pass bn_batches=0 to skip the pass."
-            )
+        if self.apply_at_end and self.bn_batches != 0:
+            self._check_bn_forward(pl_module, "pass bn_batches=0")
         rank_zero_info(f"SWA: averaging from optimizer step {self._start_step}, every {self.every_n} {self.interval}(s).")
 
     def _updates_in(self, trainer: pl.Trainer, total: int) -> bool:
@@ -231,33 +225,10 @@ class SWA(_Averaging):
             for group in optimizer.param_groups:
                 group["lr"] = self.swa_lr
 
-    def bn_forward(self, pl_module: pl.LightningModule, batch: Any) -> None:
-        """Run the model on one training batch for the BatchNorm pass (override for other batch types)."""
-        pl_module(batch[0] if isinstance(batch, (list, tuple)) else batch)
-
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sync_buffers(trainer)
-        if not (self._applies and self._hold_averaged(pl_module)):
-            return
-        layers = batchnorm_layers(pl_module)
-        if not layers or self.bn_batches == 0:
-            return
-        precision = trainer.precision_plugin
-        batches = (precision.convert_input(trainer.strategy.batch_to_device(b)) for b in trainer.train_dataloader)
-        try:
-            with precision.forward_context():  # the dtype and autocast the training forward ran under
-                self._bn_seen = update_bn_(pl_module, batches, lambda m, b: self.bn_forward(m, b), self.bn_batches)
-        except BaseException:  # leave the module as training left it: raw weights and their statistics
-            self._release_averaged(pl_module)
-            raise
-        reshard_(pl_module)  # FSDP2: drop the copies the pass gathered; the shards hold the averages
-        buffers = {n: b for n, b in pl_module.named_buffers() if n in self.averaged.tensors}
-        with torch.no_grad():
-            for bn in layers:  # each rank saw its own shard: agree on the mean statistics
-                for stat in (bn.running_mean, bn.running_var):
-                    if stat is not None:
-                        stat.copy_(trainer.strategy.reduce(stat.clone(), reduce_op="mean"))
-        load_tensors_(self.averaged.tensors, {n: buffers[n] for n in buffers})
+        if self._applies and self._hold_averaged(pl_module):
+            self._bn_seen = self._bn_pass(trainer, pl_module, self.bn_batches)
 
     def _summary_rows(self) -> list[tuple[str, str]]:
         return [("start step", str(self._start_step)), ("BatchNorm pass batches", str(self._bn_seen))]

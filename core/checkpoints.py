@@ -35,7 +35,8 @@ from torch import Tensor
 __all__ = ["load_checkpoint", "plain_state_dict"]
 
 _QUANTIZER_PARTS = (".weight_quantizer.", ".input_quantizer.")
-_BESIDE = {"_mask": None, "_ema": "EMA", "_swa": "SWA", "_rewind": None, "_ever": None, "_latent": None}  # kept beside weights
+_BESIDE = {"_mask": None, "_ema": "EMA", "_swa": "SWA", "_soup": "Soup", "_soup_kept": None, "_rewind": None, "_ever": None,
+           "_latent": None}  # kept beside weights
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -71,8 +72,8 @@ def plain_state_dict(checkpoint: Mapping[str, Any] | str | os.PathLike, averaged
     Args:
         checkpoint: a loaded Lightning checkpoint (``torch.load(path, weights_only=False)``), a
             module state dict, or the path of a checkpoint file or sharded checkpoint directory.
-        averaged: "EMA" or "SWA": take the weights from that callback's averages (the checkpoint
-            must hold exactly one such callback state).
+        averaged: "EMA", "SWA" or "Soup": take the weights from that callback's averages (the
+            checkpoint must hold exactly one such callback state).
     """
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = load_checkpoint(checkpoint)

@@ -27,6 +27,7 @@ from lichtenberg.callbacks import (
     GradualPruning,
     QuantizationAwareTraining,
     SampleReweighting,
+    Soup,
     weighted_loss,
 )
 from lichtenberg.core.quantization import quant_modules
@@ -107,6 +108,20 @@ def check_data_pruning(cb, trainer, model) -> None:
     assert bool(state["seen"].all()) and trainer.global_step < STEPS_PER_EPOCH * trainer.max_epochs
 
 
+def check_soup(cb, trainer, model) -> None:
+    state = cb.state_dict()
+    per_epoch = trainer.global_step // trainer.max_epochs
+    candidates = sum(1 for e in range(trainer.max_epochs) if (e + 1) * per_epoch > cb._start_step)
+    assert state["candidates"] == candidates > cb.keep == len(state["slots"]), (state["candidates"], state["slots"])
+    assert torch.isfinite(state["scores"]).all() and len(state["scores"]) == cb.keep
+    kept, order = state["kept"], [s["slot"] for s in state["slots"]]
+    assert [s["step"] for s in state["slots"]] == sorted(s["step"] for s in state["slots"]), "kept oldest first"
+    for name, param in model.named_parameters():  # the module holds the mean of the kept snapshots, exactly
+        expected = torch.stack([kept[name][slot] for slot in order]).mean(0)
+        assert torch.equal(param.detach(), expected.to(param.dtype)) and torch.equal(state["tensors"][name], expected), name
+    assert cb.raw_weights is not None and cb._bn_seen == trainer.num_training_batches, "BatchNorm re-estimated"
+
+
 def active(cb) -> bool:
     """Whether a callback did anything during fit (for pairwise runs)."""
     if isinstance(cb, GradualPruning):
@@ -176,6 +191,8 @@ CASES.append(
 CASES += [
     Case(SampleReweighting, {"rule": "linupper", "temperature": 0.5, "warmup_steps": 6}, check_reweighting),
     Case(DataPruning, {"ratio": 0.5, "anneal": 0.25, "mode": "infobatch", "seed": 1}, check_data_pruning, full_epochs=False),
+    # Top-k by val_loss (continuous: the third candidate replaces one), so ranks must agree on decisions.
+    Case(Soup, {"keep": 2, "monitor": "val_loss", "mode": "min", "start": 0.25, "offload_to_cpu": False}, check_soup),
 ]
 
 # Pairs that cannot share a model: the second callback's setup raises ValueError matching the value.

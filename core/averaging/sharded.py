@@ -28,8 +28,9 @@ except ImportError:  # pragma: no cover - older torch: no FSDP2 modules to resha
 
 __all__ = ["AVERAGE_SUFFIXES", "attach_buffers_", "detach_buffers_", "is_average_buffer", "read_buffers", "reshard_", "shard_view"]
 
-# Suffixes of the buffers the averaging callbacks attach; averaging never averages them.
-AVERAGE_SUFFIXES = ("_ema", "_swa")
+# Suffixes of the buffers the averaging callbacks attach (Soup: its average and its kept
+# snapshots, stacked); averaging never averages them.
+AVERAGE_SUFFIXES = ("_ema", "_swa", "_soup", "_soup_kept")
 
 
 def is_average_buffer(owner: nn.Module, leaf: str) -> bool:
