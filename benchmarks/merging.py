@@ -70,7 +70,8 @@ class ShiftedMNIST1D(MNIST1DDataModule):
         noise = torch.Generator().manual_seed(10_000 + self.seed)
         for split in ("train_set", "val_set", "test_set"):
             x, y = getattr(self, split).tensors  # [N, 40], [N]
-            setattr(self, split, TensorDataset(torch.roll(x, ROLL, dims=1) + NOISE * torch.randn(x.shape, generator=noise), y))
+            shifted = torch.roll(x, ROLL, dims=1) + NOISE * torch.randn(x.shape, generator=noise)
+            setattr(self, split, TensorDataset(shifted, y))
 
 
 class Evaluator:

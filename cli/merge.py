@@ -96,7 +96,7 @@ def merge_main(argv: list[str]) -> dict:
     if args.method == "greedy":
         # Larger is better once signed; the first score settles the metric (and so the sign) before it returns.
         signed = lambda state: run.score(state) * (1.0 if run.higher_is_better else -1.0)  # noqa: E731
-        merged, chosen = _attempt(lambda: greedy_soup(states, signed, True, args.checkpoints))
+        merged, chosen = _attempt(lambda: greedy_soup(states, signed, True, args.checkpoints, masks=args.masks))
         scores = {args.checkpoints[i]: s for i, s in enumerate(run.calls[: len(states)])}
     else:
         merged = _attempt(lambda: merge(states, args.method, base, names=args.checkpoints, **params))

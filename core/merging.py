@@ -23,8 +23,9 @@ Rules that hold for every method:
 - Sparsity masks (``<param>_mask`` bool buffers): each state's weight counts as zero where its
   own mask prunes; the merged mask is the intersection (default) or union of the states' masks,
   and every merged weight is multiplied by the merged mask of each of its names.
-- Tied weights (names that share one storage in any state) are merged once; every alias in
-  the result is the same tensor object, so ``torch.save`` keeps the tie.
+- Tied weights (names that share one storage in any state, or whose floating tensors are equal
+  in every state: a tie a checkpoint writer copied apart) are merged once; every alias in the
+  result is the same tensor object, so ``torch.save`` keeps the tie.
 
 Example:
     >>> soup = merge([torch.load(p) for p in paths])                       # uniform soup
@@ -160,7 +161,8 @@ def merge(states: Sequence[Mapping[str, Tensor]], method: str = "uniform", base:
                     seed=seed, masks=masks)
     if method == "greedy":
         raise ValueError("method='greedy' needs a score of each candidate soup; call greedy_soup(states, score).")
-    check_compatible([*states, *([base] if base is not None else [])], [*labels, *(["the base"] if base is not None else [])])
+    with_base = [] if base is None else [base]
+    check_compatible([*states, *with_base], [*labels, *(["the base"] if with_base else [])])
     combine: Combine = {
         "uniform": _mean,
         "model_stock": _model_stock,
@@ -173,7 +175,8 @@ def merge(states: Sequence[Mapping[str, Tensor]], method: str = "uniform", base:
 
 
 def greedy_soup(states: Sequence[Mapping[str, Tensor]], score: Callable[[dict[str, Tensor]], float],
-                higher_is_better: bool = True, names: Sequence[str] | None = None) -> tuple[dict[str, Tensor], list[int]]:
+                higher_is_better: bool = True, names: Sequence[str] | None = None, *,
+                masks: str = "intersection") -> tuple[dict[str, Tensor], list[int]]:
     """The greedy soup (Wortsman et al. 2022): add ingredients best first while the soup does not get worse.
 
     ``score`` is called once per ingredient, in the given order, then once per candidate soup
@@ -185,6 +188,7 @@ def greedy_soup(states: Sequence[Mapping[str, Tensor]], score: Callable[[dict[st
         score: the quality of a state dict (e.g. validation accuracy).
         higher_is_better: False for losses.
         names: a label per state for error messages.
+        masks: the soups' sparsity masks, as for ``merge``.
 
     Returns:
         The soup and the indices of its ingredients, in the order they were added.
@@ -193,15 +197,15 @@ def greedy_soup(states: Sequence[Mapping[str, Tensor]], score: Callable[[dict[st
         >>> soup, chosen = greedy_soup(states, lambda s: validate(s)["val_acc"])
     """
     labels = _labels(states, names)
-    check_arguments("greedy", len(states), False)
+    check_arguments("greedy", len(states), False, masks=masks)
     check_compatible(states, labels)
     sign = 1.0 if higher_is_better else -1.0
     key = [sign * float(score(dict(s))) for s in states]  # larger is better; NaN below everything
     rank = sorted(range(len(states)), key=lambda i: (not math.isnan(key[i]), key[i]), reverse=True)
     chosen, best = [rank[0]], key[rank[0]]
-    soup = _merge_with([states[rank[0]]], None, _mean, "intersection")
+    soup = _merge_with([states[rank[0]]], None, _mean, masks)
     for i in rank[1:]:
-        candidate = _merge_with([states[j] for j in (*chosen, i)], None, _mean, "intersection")
+        candidate = _merge_with([states[j] for j in (*chosen, i)], None, _mean, masks)
         value = sign * float(score(candidate))
         if value >= best or (math.isnan(best) and not math.isnan(value)):
             chosen, best, soup = [*chosen, i], value, candidate
@@ -209,7 +213,7 @@ def greedy_soup(states: Sequence[Mapping[str, Tensor]], score: Callable[[dict[st
 
 
 def _tie_groups(states: Sequence[Mapping[str, Any]]) -> list[list[str]]:
-    """Names that are one tensor in any state, merged into groups; sorted, so the first name is stable."""
+    """Names that are one tensor in any state (or equal in all), in groups; sorted, so the first name is stable."""
     parent = {k: k for k in states[0]}
 
     def root(k: str) -> str:
@@ -222,6 +226,17 @@ def _tie_groups(states: Sequence[Mapping[str, Any]]) -> list[list[str]]:
         for k, v in state.items():
             if isinstance(v, Tensor) and v.numel() > 0:  # empty tensors all share data_ptr 0
                 other = seen.setdefault(_identity(v), k)
+                parent[root(k)] = root(other)
+    # A tie that a writer copied apart (one clone per name) shows as equal values in every state:
+    # merge it once too, so that DARE's random drop cannot tell the copies apart.
+    buckets: dict[tuple, list[str]] = {}
+    for k, v in states[0].items():
+        if isinstance(v, Tensor) and v.is_floating_point() and v.numel() > 1 and root(k) == k:
+            buckets.setdefault((v.dtype, tuple(v.shape), float(v.double().sum())), []).append(k)
+    for names in buckets.values():
+        for i, k in enumerate(names[1:], 1):
+            other = next((j for j in names[:i] if all(torch.equal(s[j], s[k]) for s in states)), None)
+            if other is not None:
                 parent[root(k)] = root(other)
     groups: dict[str, list[str]] = {}
     for k in parent:

@@ -182,7 +182,8 @@ def other_architecture(run, tmp_path):
     (["{c0}", "{c0}", "--method", "uniform"], r"checkpoint '.*epoch=0\.ckpt' is given twice"),
     (["{c0}", "{c1}", "--method", "uniform", "--out", "{c1}"], r"--out '.*epoch=1\.ckpt' would overwrite the input"),
     (["{c0}", "{c1}", "--method", "uniform", "--bogus", "1"], r"unrecognized arguments: --bogus 1"),
-    (["{c0}", "{c1}", "--method", "greedy", "--config", "{config}", "--metric", "val_f1"], r"validation logs no 'val_f1' \(it logs \['val_acc', 'val_loss'\]\)"),
+    (["{c0}", "{c1}", "--method", "greedy", "--config", "{config}", "--metric", "val_f1"],
+     r"validation logs no 'val_f1' \(it logs \['val_acc', 'val_loss'\]\)"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(run, tmp_path, args, match):
     out = tmp_path / "out" / "merged"

@@ -199,6 +199,15 @@ def test_a_tie_broken_in_one_state_is_still_merged_once():
     assert out["head.weight"] is out["emb.weight"]
 
 
+def test_a_tie_copied_apart_in_every_state_is_merged_once():
+    states = [tied_state(i) for i in range(3)]
+    for s in states:  # as a checkpoint writer that clones each name leaves it
+        s["head.weight"] = s["emb.weight"].clone()
+    out = merge(states[1:], "dare", states[0], density=0.5)
+    assert out["head.weight"] is out["emb.weight"]  # one draw for both names: still equal
+    assert out["head.bias"] is not out["emb.weight"]
+
+
 def test_hugging_face_gpt2_tied_head_stays_tied():
     from tests.zoo import gpt2
 
@@ -229,6 +238,14 @@ def test_greedy_soup_adds_ingredients_while_the_score_does_not_drop():
     assert chosen == [0, 1]
     assert soup["w"].item() == 1.5 and soup["n"].item() == 0
     assert calls == pytest.approx([2.5, 0.5, 3.0, -10.0, 2.75, 1.5, -7 / 3])  # once per ingredient, once per soup
+
+
+def test_greedy_soup_masks():
+    a = masked([1.0, 3.0, 9.0, 5.0], [True, True, False, False])
+    b = masked([3.0, 7.0, 4.0, 5.0], [True, False, True, False])
+    for rule, expected in (("intersection", [True, False, False, False]), ("union", [True, True, True, False])):
+        soup, chosen = greedy_soup([a, b], lambda s: 1.0, masks=rule)
+        assert chosen == [0, 1] and soup["fc.weight_mask"].tolist() == expected
 
 
 def test_greedy_soup_lower_is_better_and_nan():
