@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         short = None if debug else messages.short(err, args)
         if short is None:
             raise
-        print(f"lichtenberg: error: {short}\n(run with --debug for the traceback)", file=sys.stderr)
+        command, _, message = short.partition(": ") if short.startswith("lichtenberg ") else ("lichtenberg", "", short)
+        print(f"{command}: error: {message}\n(run with --debug for the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
 
