@@ -101,19 +101,20 @@ def _canonical(state: Mapping[str, Tensor], ties: Iterable[Iterable[str]]) -> di
         if value.numel() == 0:  # empty tensors may share a null storage without being tied
             head[key] = key
             continue
-        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride(), value.dtype)
-        head[key] = first.setdefault(ident, key)
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride())
+        head[key] = first.setdefault((*ident, value.dtype), key)
     for group in ties:
         group = list(group)
         missing = [k for k in group if k not in state]
         if missing:
-            raise ValueError(f"ties: {missing} are not keys of the state dict; name tied tensors by their state-dict keys.")
+            raise ValueError(f"ties: {missing} are not keys of the state dict; name tied tensors by their keys.")
         heads = {head[k] for k in group}
         target = min(heads, key=order.__getitem__)
         for key in group:
             if not (state[key].shape == state[target].shape and state[key].dtype == state[target].dtype
                     and torch.equal(state[key], state[target])):
-                raise ValueError(f"ties: {key!r} differs from {target!r}, so they are not one tensor; drop it from ties.")
+                raise ValueError(f"ties: {key!r} differs from {target!r}, so they are not one tensor; "
+                                 "drop it from ties.")
         for key, h in head.items():
             if h in heads:
                 head[key] = target
@@ -200,7 +201,8 @@ def compress_state_dict(state: Mapping[str, Tensor], quantized: Mapping[str, Map
     for module, entry in (quantized or {}).items():
         key = f"{module}.weight" if module else "weight"
         if key not in state:
-            raise ValueError(f"quantized layer {module!r}: {key!r} is not in the state dict; export both from one model.")
+            raise ValueError(f"quantized layer {module!r}: {key!r} is not in the state dict; export both from one "
+                             "model.")
         if head[key] in entries and not _same_entry(entries[head[key]], entry):
             raise ValueError(f"{key!r} is tied to {head[key]!r} but their quantized entries differ; export tied layers "
                              "with one shared quantizer.")
@@ -216,17 +218,19 @@ def compress_state_dict(state: Mapping[str, Tensor], quantized: Mapping[str, Map
         found = None
         if key in entries:
             found = _quantized(key, value, entries[key])
-        elif value.is_floating_point() and (key in sparse if not isinstance(sparse, bool) else sparse and value.dim() >= 2):
+        elif value.is_floating_point() and (sparse and value.dim() >= 2 if isinstance(sparse, bool) else key in sparse):
             found = _sparse(key, value)
         record, parts = found or ({"format": "dense", "dtype": _dtype_name(value)}, {key: value.contiguous()})
         for name, part in parts.items():
             if name in tensors:
                 raise ValueError(f"{key!r} would be stored as {name!r}, which another key already takes; rename one.")
             ptr = part.untyped_storage().data_ptr()
-            tensors[name] = part.clone() if ptr in storages and part.numel() else part  # safetensors refuses shared memory
+            tensors[name] = part.clone() if ptr in storages and part.numel() else part  # safetensors: no shared memory
             storages.add(ptr)
         layout[key] = record
-    return tensors, {"format": "pt", _VERSION_KEY: str(FORMAT_VERSION), _LAYOUT_KEY: json.dumps(layout)}
+    layout_json = json.dumps(layout, separators=(",", ":"))  # compact: the header is part of a small file's size
+    metadata = {"format": "pt", _VERSION_KEY: str(FORMAT_VERSION), _LAYOUT_KEY: layout_json}
+    return tensors, metadata
 
 
 def save_compressed(path: str | os.PathLike, state: Mapping[str, Tensor],
@@ -296,9 +300,11 @@ def decompress_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
                 q = _unpack(t[name], bits, n) * stride + offset
             else:
                 keep = _unpack(t[f"{key}_bitmask"], 1, n).bool()
-                q = torch.zeros(n, dtype=torch.int32).masked_scatter_(keep, _unpack(t[name], bits, int(keep.sum())) * stride + offset)
+                kept = _unpack(t[name], bits, int(keep.sum())) * stride + offset  # [nnz]
+                q = torch.zeros(n, dtype=torch.int32).masked_scatter_(keep, kept)
             scale = t[f"{key}_scale"].unsqueeze(-1)  # [rows, groups, 1]
-            out[key] = _dequantize(q.view(shape), scale, t.get(f"{key}_zero_point"), record).to(getattr(torch, record["dtype"]))
+            weight = _dequantize(q.view(shape), scale, t.get(f"{key}_zero_point"), record)
+            out[key] = weight.to(getattr(torch, record["dtype"]))
         else:
-            raise ValueError(f"{path}: {key!r} has format {fmt!r}, unknown to this lichtenberg; upgrade it to read the file.")
+            raise ValueError(f"{path}: {key!r} has format {fmt!r}, unknown to this lichtenberg; upgrade lichtenberg.")
     return out
