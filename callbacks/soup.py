@@ -7,8 +7,9 @@ averaged tensor (float32 for half precision; host memory by default), checkpoint
 callback; under FSDP2 the stack of a sharded parameter is a DTensor sharded like it (shard dim
 moved one up), a persistent buffer ``<param>_soup_kept`` while the fit runs, so
 torch.distributed.checkpoint saves it with the model. The soup is recomputed from the kept
-snapshots whenever they change, with ``core.merging.merge(..., "uniform")``: no running sum
-to drift, so a resumed run is bit-identical.
+snapshots whenever they change (no running sum to drift; a resumed run is bit-identical), by
+the rules of ``core.merging.merge(kept, "uniform")`` but in place on the local shards: merge
+builds whole new states (a ``[k, *shape]`` stack per tensor) and syncs with the host per tensor.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from ..core.averaging import attach_buffers_, load_tensors_, read_buffers, resha
 from ..core.averaging.sharded import shard_view
 from ..core.checks import check_choice, check_int, check_real
 from ..core.distributed import is_sharded
-from ..core.merging import merge
 from ..core.schedules import resolve_step
 from ._averaging import _Averaging
 from ._base import never_acts, run_length
@@ -236,10 +236,23 @@ class Soup(_Averaging):
         if trainer.world_size > 1 and names:  # BatchNorm statistics differ per rank: keep rank 0's, as DDP does
             received = trainer.strategy.broadcast({n: shard_view(self._kept[n])[slot].clone() for n in names}, src=0)
             load_tensors_({n: shard_view(self._kept[n])[slot] for n in names}, received)
-        kept = [{n: shard_view(t)[s["slot"]] for n, t in self._kept.items()} for s in self._slots]  # oldest first
-        load_tensors_({n: shard_view(t) for n, t in self.averaged.tensors.items()},
-                      kept[0] if len(kept) == 1 else merge(kept, "uniform"))  # integer buffers: the oldest's
+        self._recompute()
         self.averaged.num_updates += 1
+
+    @torch.no_grad()
+    def _recompute(self) -> None:
+        """The soup, in place and shard-local: the kept snapshots' sum, oldest first, over their number.
+        Integer buffers come from the oldest, as in ``core.merging.merge(kept, "uniform")``."""
+        assert self.averaged is not None
+        order, tensors = [s["slot"] for s in self._slots], self.averaged.tensors
+        floats = [n for n, t in tensors.items() if t.is_floating_point()]
+        out, stacks = [shard_view(tensors[n]) for n in floats], [shard_view(self._kept[n]) for n in floats]
+        torch._foreach_copy_(out, [s[order[0]] for s in stacks])
+        for slot in order[1:]:
+            torch._foreach_add_(out, [s[slot] for s in stacks])
+        torch._foreach_div_(out, float(len(order)))
+        load_tensors_({n: shard_view(tensors[n]) for n in tensors if n not in floats},
+                      {n: shard_view(self._kept[n])[order[0]] for n in tensors if n not in floats})
 
     # -- the end and the state -------------------------------------------------------------
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

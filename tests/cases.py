@@ -117,7 +117,10 @@ def check_soup(cb, trainer, model) -> None:
     kept, order = state["kept"], [s["slot"] for s in state["slots"]]
     assert [s["step"] for s in state["slots"]] == sorted(s["step"] for s in state["slots"]), "kept oldest first"
     for name, param in model.named_parameters():  # the module holds the mean of the kept snapshots, exactly
-        expected = torch.stack([kept[name][slot] for slot in order]).mean(0)
+        expected = kept[name][order[0]].clone()
+        for slot in order[1:]:
+            expected += kept[name][slot]
+        expected /= len(order)
         assert torch.equal(param.detach(), expected.to(param.dtype)) and torch.equal(state["tensors"][name], expected), name
     assert cb.raw_weights is not None and cb._bn_seen == trainer.num_training_batches, "BatchNorm re-estimated"
 
