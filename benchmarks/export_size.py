@@ -213,7 +213,8 @@ def render(results: dict[str, Any]) -> str:
         "output channel: int8 minmax, int4 LSQ, ternary absmean), no training. *× fp32*: bytes over the dense fp32 "
         "state dict (4 bytes a value); *formula*: a bitmask costs `(d·b + 1/8)/b` of a dense tensor of b-byte values "
         "(density d), scaled by b/4 against fp32 (sparse fp32: d + 1/32; int4: 1/8; int4 at density d: (d/2 + 1/8)/4); "
-        "the file's formula counts the other tensors at fp32. *weights*: the range over the model's weights of "
+        "the file's formula counts the other tensors at fp32 and no header (*header*: safetensors' JSON header with the "
+        "layout metadata, ~150 bytes a stored tensor). *weights*: the range over the model's weights of "
         "measured / formula (scales, shape tensors and per-tensor rounding are the difference). Every file was read "
         "back and checked: exact for sparse weights, `dequantize(export_int(...))` exactly for quantized ones. "
         f"Load: median ms of `decompress_state_dict` over {s['repeats']} interleaved rounds "
@@ -224,15 +225,16 @@ def render(results: dict[str, Any]) -> str:
         for variant, r in m["variants"].items():
             ws = [w["ratio"] / w["formula"] for w in r["weights"].values()]
             formats = sorted({w["format"] for w in r["weights"].values()})
-            rows.append([variant, ", ".join(formats), f"{r['bytes'] / 1024:,.1f}", f"**{r['ratio']:.3f}**",
+            rows.append([variant, ", ".join(formats), f"{r['bytes'] / 1024:,.1f}", f"{r['header'] / 1024:.1f}",
+                         f"**{r['ratio']:.3f}**",
                          f"{r['formula_ratio']:.3f}", f"{r['ratio'] / r['formula_ratio']:.3f}",
                          f"{min(ws):.3f}–{max(ws):.3f}", f"{harness.median(r['load_s']) * 1e3:.2f}"])
         dense = m["variants"]["dense fp32"]["dense_bytes"]
-        rows.append(["`torch.save` dense .pt", "—", f"{m['pt_bytes'] / 1024:,.1f}", f"{m['pt_bytes'] / dense:.3f}", "—", "—",
-                     "—", f"{harness.median(m['torch_load_s']) * 1e3:.2f} (`torch.load`)"])
+        rows.append(["`torch.save` dense .pt", "—", f"{m['pt_bytes'] / 1024:,.1f}", "—", f"{m['pt_bytes'] / dense:.3f}",
+                     "—", "—", "—", f"{harness.median(m['torch_load_s']) * 1e3:.2f} (`torch.load`)"])
         lines += ["", f"### {name} ({m['params']:,} floating-point values)", "",
-                  harness.markdown_table(["variant", "weights stored as", "KiB", "× fp32", "formula ×", "measured / formula",
-                                          "weights: measured / formula", "load ms"], rows)]
+                  harness.markdown_table(["variant", "weights stored as", "KiB", "header KiB", "× fp32", "formula ×",
+                                          "measured / formula", "weights: measured / formula", "load ms"], rows)]
     lines += ["", "Targets (whole file vs the dense fp32 state dict):", ""] + [f"- {v}." for v in _verdicts(results)]
     return "\n".join(lines)
 

@@ -2,32 +2,27 @@
 
 ``compress_state_dict(state, quantized)`` turns a plain state dict (``plain_state_dict``) and,
 for a QAT model, its integer export (``export_int``) into safetensors tensors plus string
-metadata; ``decompress_state_dict(path)`` reads the file back into the plain module's state
-dict with nothing else. On-disk layout, format version 1, for each key ``k`` of the state dict:
+metadata; ``decompress_state_dict(path)`` reads the file back with nothing else. Layout
+(format version 1; docs/export.md has the details and the differences from compressed-tensors,
+whose names it follows), per key ``k`` of the state dict:
 
-- ``dense``: ``k`` as is (biases, norms, buffers, weights that do not shrink).
-- ``bitmask`` (a floating tensor of >= 2 dims with enough zeros): ``k.bitmask`` (uint8, one
-  bit per element of the row-major tensor, little-endian bit order: element i is bit i % 8
-  of byte i // 8; shaped [rows, cols / 8] when the last dim is a multiple of 8, which is
-  compressed-tensors' per-row layout byte for byte, else flat), ``k.compressed`` (the non-zero
-  values in row-major order, in the tensor's own dtype) and ``k.shape`` (int64). Unlike
-  compressed-tensors there is no ``k.row_offsets``: decompression does not need it. Zeros
-  are ``v == 0``, so a -0.0 comes back as +0.0 (equal values, equal outputs).
-- ``packed`` (a quantized weight): ``k_packed`` (uint8: codes ``(q - offset) / stride`` of
-  ``bits`` bits each, flat in the layer's own layout, same bit order; int4 is two per byte,
-  ternary four, int8 one), ``k_scale`` (float32 ``[rows, groups]``), ``k_shape`` (int64) and
-  ``k_zero_point`` if the entry has one. For an int4 weight with rows of a multiple of 8
-  values the bytes are those of compressed-tensors' int32 ``weight_packed``; it packs into
-  int32 per row, we pack the whole tensor into bytes (no per-row padding).
-- ``packed_bitmask`` (a quantized weight that is also sparse, when smaller): ``k_bitmask``
-  marks the non-zero integers and ``k_packed`` holds only their codes. Binary and OFQ "stat"
-  grids have no zero level, so a pruned weight on them always takes this form.
-- ``alias``: a tied weight (one storage under several keys, or a group in ``ties``) is stored
-  once, under its first key; the others come back as the same tensor object.
+- ``dense``: ``k`` as is (biases, norms, buffers, weights that would not shrink).
+- ``bitmask`` (a floating tensor of >= 2 dims, where smaller): ``k.bitmask`` (uint8, element i
+  is bit i % 8 of byte i // 8 of the row-major tensor; ``[rows, cols / 8]`` when cols % 8 == 0,
+  else flat; no ``k.row_offsets``), ``k.compressed`` (non-zero values, own dtype), ``k.shape``.
+  Zeros are ``v == 0``: a -0.0 comes back as +0.0.
+- ``packed`` (a quantized weight): ``k_packed`` (uint8 stream of ``bits``-bit codes
+  ``(q - offset) / stride``, lowest bits first, the layer's own layout flat), ``k_scale``
+  (``[rows, groups]``), ``k_shape``, and ``k_zero_point`` if the export has one.
+- ``packed_bitmask`` (a quantized weight that is also sparse, where smaller, and always for
+  pruned binary / OFQ "stat" weights, whose grids have no zero): ``k_bitmask`` marks the
+  non-zero integers, ``k_packed`` holds only their codes.
+- ``alias``: a tied weight is stored once, under its first key; the others come back as the
+  same tensor object.
 
-Metadata: ``format`` = "pt", ``lichtenberg.format_version``, and ``lichtenberg.layout`` (JSON,
-key -> record: format, dtype, and for packed weights bits, offset, stride, method,
-granularity, group_size, out_axis).
+Metadata: ``format`` = "pt", ``lichtenberg.format_version`` and ``lichtenberg.layout`` (JSON:
+key -> format, dtype, and for packed weights bits, offset, stride, method, granularity,
+group_size, out_axis).
 
 Example:
     >>> save_compressed("model.safetensors", plain_state_dict(ckpt), quantized=export_int(model))
@@ -44,6 +39,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from .checkpoints import _BESIDE, _QUANTIZER_PARTS, plain_state_dict
 
 __all__ = ["FORMAT_VERSION", "compress_state_dict", "decompress_state_dict", "save_compressed"]
 
@@ -88,6 +85,11 @@ def _grid(entry: Mapping[str, Any]) -> tuple[int, int, int]:
     return bits, -(2 ** (bits - 1)), 1
 
 
+def _beside(key: str, state: Mapping[str, Tensor]) -> bool:
+    """A mask / average / rewind buffer kept beside a weight (``plain_state_dict`` drops them)."""
+    return any(key.endswith(suffix) and key[: -len(suffix)] in state for suffix in _BESIDE)
+
+
 def _dtype_name(t: Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
@@ -113,8 +115,7 @@ def _canonical(state: Mapping[str, Tensor], ties: Iterable[Iterable[str]]) -> di
         for key in group:
             if not (state[key].shape == state[target].shape and state[key].dtype == state[target].dtype
                     and torch.equal(state[key], state[target])):
-                raise ValueError(f"ties: {key!r} differs from {target!r}, so they are not one tensor; "
-                                 "drop it from ties.")
+                raise ValueError(f"ties: {key!r} differs from {target!r}: not one tensor; drop it from ties.")
         for key, h in head.items():
             if h in heads:
                 head[key] = target
@@ -140,7 +141,7 @@ def _quantized(key: str, value: Tensor, entry: Mapping[str, Any]) -> tuple[dict,
     lacking = [k for k in _ENTRY_KEYS if k not in entry]
     if lacking:
         raise ValueError(f"quantized entry of {key!r} lacks {lacking}; pass the entries export_int(model) returns.")
-    q = entry["weight"]
+    q = entry["weight"].detach().cpu()
     if q.is_floating_point() or tuple(q.shape) != tuple(value.shape):
         raise ValueError(f"quantized entry of {key!r}: integer weight {q.dtype} {tuple(q.shape)} does not stand for "
                          f"the state's {tuple(value.shape)} tensor; pass export_int's entries of this model.")
@@ -155,14 +156,14 @@ def _quantized(key: str, value: Tensor, entry: Mapping[str, Any]) -> tuple[dict,
                          "pass export_int's entries unchanged.")
     n, nnz = flat.numel(), int(nonzero.sum())
     masked = not bool(on_grid.all()) or (n + 7) // 8 + (nnz * bits + 7) // 8 < (n * bits + 7) // 8
-    scale = entry["scale"].detach()
+    scale = entry["scale"].detach().cpu()
     parts = {f"{key}_shape": torch.tensor(q.shape), f"{key}_scale": scale.reshape(scale.shape[0], -1).clone()}
     if masked:
         parts[f"{key}_bitmask"] = _pack(nonzero, 1)
         codes = codes[nonzero]
     parts[f"{key}_packed"] = _pack(codes // stride, bits)
     if entry.get("zero_point") is not None:
-        parts[f"{key}_zero_point"] = entry["zero_point"].detach().clone()
+        parts[f"{key}_zero_point"] = entry["zero_point"].detach().cpu().clone()
     record = {"format": "packed_bitmask" if masked else "packed", "dtype": _dtype_name(value), "bits": bits,
               "offset": offset, "stride": stride, "method": entry.get("method"), "granularity": entry["granularity"],
               "group_size": entry["group_size"], "out_axis": entry.get("out_axis", 0)}
@@ -180,7 +181,8 @@ def compress_state_dict(state: Mapping[str, Tensor], quantized: Mapping[str, Map
     """The safetensors tensors and string metadata of a compact file (see the module docstring).
 
     Args:
-        state: the plain module's state dict (``plain_state_dict``): whole tensors, masks applied.
+        state: the plain module's state dict (``plain_state_dict``): whole tensors, masks applied. A
+            sparse or QAT model's own state dict is made plain here (its ties kept).
         quantized: ``export_int(model)`` of the QAT model (module name -> entry); each entry's
             integers and scales replace ``<module>.weight`` of ``state``.
         sparse: which floating tensors may be stored as bitmask + values where that is smaller:
@@ -196,13 +198,17 @@ def compress_state_dict(state: Mapping[str, Tensor], quantized: Mapping[str, Map
     if bad:
         raise ValueError(f"{bad[:3]} are not whole tensors; safetensors stores tensors only: gather sharded ones "
                          "(load_checkpoint does) and drop other values first.")
+    if any(any(p in k for p in _QUANTIZER_PARTS) or _beside(k, state) for k in state):  # a lichtenberg model's own
+        shared = _canonical(state, ())  # plain_state_dict clones each key: keep the ties it would lose
+        state = plain_state_dict(state)
+        groups = [[k for k, h in shared.items() if h == head and k in state] for head in set(shared.values())]
+        ties = [*ties, *(g for g in groups if len(g) > 1)]
     head = _canonical(state, ties)
     entries: dict[str, Mapping[str, Any]] = {}
     for module, entry in (quantized or {}).items():
         key = f"{module}.weight" if module else "weight"
         if key not in state:
-            raise ValueError(f"quantized layer {module!r}: {key!r} is not in the state dict; export both from one "
-                             "model.")
+            raise ValueError(f"quantized layer {module!r}: {key!r} is not in the state dict; export both from one model.")
         if head[key] in entries and not _same_entry(entries[head[key]], entry):
             raise ValueError(f"{key!r} is tied to {head[key]!r} but their quantized entries differ; export tied layers "
                              "with one shared quantizer.")

@@ -240,6 +240,21 @@ def test_tied_weights_are_stored_once_and_come_back_as_one_tensor(tmp_path):
         compress_state_dict(copies, ties=[("emb.weight", "lm_head.weight")])
 
 
+def test_a_sparse_qat_models_own_state_dict_is_made_plain_and_keeps_its_tie(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    masks = _prune(model, 0.5)
+    ints = _quantize(model, 4, "lsq", masks=masks)
+    raw = model.state_dict()  # quantizer state and weight_mask buffers included; emb/head one storage
+    assert any("_quantizer." in k for k in raw) and any(k.endswith("_mask") for k in raw)
+    save_compressed(tmp_path / "raw.safetensors", raw, ints)
+    out = decompress_state_dict(tmp_path / "raw.safetensors")
+    assert list(out) == list(plain_state_dict(raw)) and out["head.weight"] is out["emb.weight"]
+    for name, entry in ints.items():
+        assert torch.equal(out[f"{name}.weight"], dequantize(entry))
+    Net().load_state_dict(out, strict=True)
+
+
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_a_sharded_checkpoint_directory_compresses_like_a_file(tmp_path):
     import torch.distributed.checkpoint as dcp
