@@ -1,15 +1,10 @@
-"""Soup: the uniform average of the weights at k epoch ends of one run (the last k, or the k best
-by a metric), a "model soup" of one run: offline SWA for any run.
-
-``_Averaging`` gives the validation swaps, the raw weights as the checkpoints' model state, the
-end-of-fit swap and summary. Soup's own state is one ``[keep, *shape]`` stack of snapshots per
-averaged tensor (float32 for half precision; host memory by default), checkpointed with the
-callback; under FSDP2 the stack of a sharded parameter is a DTensor sharded like it (shard dim
-moved one up), a persistent buffer ``<param>_soup_kept`` while the fit runs, so
-torch.distributed.checkpoint saves it with the model. The soup is recomputed from the kept
-snapshots whenever they change (no running sum to drift; a resumed run is bit-identical), by
-the rules of ``core.merging.merge(kept, "uniform")`` but in place on the local shards: merge
-builds whole new states (a ``[k, *shape]`` stack per tensor) and syncs with the host per tensor.
+"""Soup: the uniform average of the weights at k epoch ends of a run (the last k, or the k best by
+a metric): a "model soup" of one run, offline SWA for any run. ``_Averaging`` gives the validation
+swaps, the checkpoints' raw model state, the end-of-fit swap and summary. The snapshots are one
+``[keep, *shape]`` stack per averaged tensor in the callback state (under FSDP2 a DTensor buffer
+``<param>_soup_kept`` sharded like the parameter). The soup is recomputed from them at each change,
+by the rules of ``core.merging.merge(kept, "uniform")`` but in place on the local shards (merge
+builds new whole states and syncs per tensor): no running sum drifts, a resume is bit-identical.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from lichtenberg.callbacks import GradualPruning, Soup
+from lichtenberg.callbacks import SWA, GradualPruning, Soup
 from lichtenberg.core import plain_state_dict
 from lichtenberg.core.averaging import update_bn_
 from lichtenberg.core.schedules import SparsitySchedule
@@ -178,3 +178,14 @@ def test_bad_arguments_are_one_line_value_errors(kwargs, message):
 def test_settings_that_cannot_work_are_value_errors(kwargs, trainer, message):
     with pytest.raises(ValueError, match=message):
         fit_tiny([Soup(**kwargs)], max_epochs=EPOCHS, **trainer)
+
+
+def test_last_k_with_room_for_every_candidate_is_swa_of_the_same_epochs():
+    soup, swa = Soup(keep=10, start=0.25, apply_at_end=False), SWA(start=0.25, apply_at_end=False)
+    with pytest.warns(UserWarning, match="got 3 snapshot"):
+        fit_tiny([soup], max_epochs=EPOCHS)
+    fit_tiny([swa], max_epochs=EPOCHS)
+    assert soup.averaged.num_updates == swa.averaged.num_updates == 3
+    for name, value in swa.averaged.tensors.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(soup.averaged.tensors[name], value, rtol=1e-5, atol=1e-6)
