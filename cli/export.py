@@ -64,27 +64,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _build(configs: list[str], overrides: tuple[str, ...] = ()):
-    """``cli.main.build``: LightningCLI(run=False), without its args-and-argv warning or banners."""
-    try:
-        from .main import build
-    except ImportError:  # an older cli.main: the same, inline
-        import sys
-
-        from .main import LichtenbergCLI, recipe_path
-
-        args = [a for c in configs for a in ("--config", recipe_path(c))] + ["--trainer.logger", "false", *overrides]
-        argv, sys.argv = sys.argv, sys.argv[:1]
-        quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-        level, _ = quiet.level, quiet.setLevel(logging.WARNING)
-        try:
-            return LichtenbergCLI(args=args, run=False)
-        finally:
-            sys.argv = argv
-            quiet.setLevel(level)
-    return build(configs, overrides)
-
-
 def _configs(args: argparse.Namespace) -> str:
     return " ".join(f"--config {c}" for c in args.config)
 
@@ -211,6 +190,7 @@ def _kind(record: dict[str, Any]) -> str:
 def export_main(argv: list[str]) -> dict[str, Any]:
     """Run the export; returns what was written (for tests). Every check runs before anything is written."""
     from ..callbacks import QuantizationAwareTraining
+    from .main import build
 
     args = _parser().parse_args(argv)
     fmt = _format(args)
@@ -220,7 +200,7 @@ def export_main(argv: list[str]) -> dict[str, Any]:
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ValueError(f"{args.ckpt_path} is not a Lightning checkpoint (no 'state_dict'); pass the .ckpt a fit wrote.")
     quantized = any(any(p in k for p in _QUANTIZER_PARTS) for k in checkpoint["state_dict"])
-    cli = _build(args.config)
+    cli = build(args.config)  # LightningCLI(run=False): no argv warning, no banners, logger off
     model, trainer = cli.model, cli.trainer
     qat = [cb for cb in trainer.callbacks if isinstance(cb, QuantizationAwareTraining)]
     _check_qat(fmt, qat, quantized, cli, checkpoint, args)
@@ -229,7 +209,8 @@ def export_main(argv: list[str]) -> dict[str, Any]:
     plain = plain_state_dict(checkpoint, averaged=args.averaged)
     if qat:
         rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-        level, _ = rank_zero.level, rank_zero.setLevel(logging.WARNING)  # its targets report: not export's business
+        level = rank_zero.level
+        rank_zero.setLevel(logging.WARNING)  # QAT's targets report: not export's business
         try:
             qat[0].setup(trainer, model, "validate")  # the same fake-quant layers as in training ...
             model.configure_model()  # ... bound after the module's own configure_model, as in a run

@@ -108,7 +108,7 @@ def test_compressed_pruning_export_is_bit_exact_and_smaller(run, tmp_path):
 
 def test_pruning_qat_and_ema_export_the_averaged_quantized_sparse_model(run, tmp_path):
     from lichtenberg.callbacks import QuantizationAwareTraining
-    from lichtenberg.cli.export import _build
+    from lichtenberg.cli.main import build
     from lichtenberg.core.quantization import quant_modules
 
     _export(run, "both", tmp_path / "b.safetensors", "--format", "compressed", "--averaged", "EMA")
@@ -116,7 +116,7 @@ def test_pruning_qat_and_ema_export_the_averaged_quantized_sparse_model(run, tmp
     # what EMA evaluates: the checkpoint's model with the averages (weights, BatchNorm, LSQ scales) swapped in
     checkpoint = torch.load(run["both"][1], weights_only=False)
     (averages,) = [v["tensors"] for k, v in checkpoint["callbacks"].items() if k.startswith("EMA")]
-    cli = _build([run["both"][0]])
+    cli = build([run["both"][0]])
     (qat,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, QuantizationAwareTraining)]
     qat.setup(cli.trainer, cli.model, "validate")
     cli.model.configure_model()
