@@ -188,6 +188,7 @@ def run(quick: bool) -> dict[str, Any]:
             times = harness.interleaved(loaders, repeats)
             for variant, r in rows.items():
                 r["load_s"] = times[variant]
+                del r["path"]  # a temporary file
             results["models"][name] = {"params": sum(v.numel() for v in init.values() if v.is_floating_point()),
                                        "variants": rows, "torch_load_s": times["torch.load dense .pt"],
                                        "pt_bytes": pt.stat().st_size}
