@@ -137,15 +137,17 @@ def _load(model: torch.nn.Module, checkpoint: dict[str, Any], masks: dict[str, t
     state = checkpoint["state_dict"]
     beside = {k for k in state for s in _BESIDE if k.endswith(s) and k[: -len(s)] in state}
     aliases = {k: group for group in _tie(model.state_dict(), model) for k in group}
+    attached = {}
     for name, mask in masks.items():
         for alias in aliases.get(name, [name]):
             owner, _, leaf = alias.rpartition(".")
             try:
                 model.get_submodule(owner).register_buffer(f"{leaf}_mask", mask.clone())
             except AttributeError:  # not this model: the strict load below names the keys
-                pass
+                continue
+            attached[f"{alias}_mask"] = mask
     try:
-        model.load_state_dict({k: v for k, v in state.items() if k not in beside or (k.endswith("_mask") and k[:-5] in masks)})
+        model.load_state_dict({**{k: v for k, v in state.items() if k not in beside}, **attached})
     except RuntimeError as err:
         lines = [ln.strip().rstrip(".") for ln in str(err).splitlines()[1:] if ln.strip()]
         raise ValueError(f"{args.ckpt_path} does not fit the model of {_configs(args)} ({len(lines)} problems, the "

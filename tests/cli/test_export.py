@@ -133,6 +133,21 @@ def test_pruning_qat_and_ema_export_the_averaged_quantized_sparse_model(run, tmp
     _plain_model(state)
 
 
+def test_masks_kept_in_callback_state_make_permanent_export_alike(run, tmp_path):
+    # GradualPruning(make_permanent=True) writes checkpoints without mask buffers, the masks in its state
+    checkpoint = torch.load(run["both"][1], weights_only=False)
+    masks = {k[: -len("_mask")]: v for k, v in checkpoint["state_dict"].items() if k.endswith("_mask")}
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.endswith("_mask")}
+    (key,) = [k for k in checkpoint["callbacks"] if k.startswith("GradualPruning")]
+    checkpoint["callbacks"][key] = {**checkpoint["callbacks"][key], "masks": masks}
+    torch.save(checkpoint, tmp_path / "permanent.ckpt")
+    _export({"p": (run["both"][0], str(tmp_path / "permanent.ckpt"))}, "p", tmp_path / "p.safetensors", "--format",
+            "compressed")
+    _export(run, "both", tmp_path / "b.safetensors", "--format", "compressed")
+    a, b = decompress_state_dict(tmp_path / "p.safetensors"), decompress_state_dict(tmp_path / "b.safetensors")
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_plain_format_writes_the_plain_state_dict(run, tmp_path):
     _export(run, "both", tmp_path / "p.pt", "--format", "plain", "--averaged", "EMA")
     saved, expected = torch.load(tmp_path / "p.pt"), plain_state_dict(run["both"][1], averaged="EMA")
