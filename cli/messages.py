@@ -17,7 +17,8 @@ __all__ = ["did_you_mean", "quiet_lightning", "short"]
 
 # Lightning's once-per-Trainer banners: the summary's extra evaluations would print them again.
 _NOISE = ("GPU available:", "TPU available:", "HPU available:", "💡 Tip:", "LOCAL_RANK:", "`Trainer.fit` stopped:",
-          "Using default `ModelCheckpoint`", "You are using a CUDA device", "Seed set to", "Loading `train_dataloader`")
+          "Using default `ModelCheckpoint`", "You are using a CUDA device", "Seed set to", "Loading `train_dataloader`",
+          "`Trainer(limit_", "`Trainer(val_check_interval", "`Trainer(fast_dev_run")
 _NOISY_WARNINGS = (".*does not have many workers.*", ".*GPU available but not used.*",
                    ".*smaller than the logging interval.*", ".*Checkpoint directory .* exists and is not empty.*",
                    ".*`tensorboardX` has been removed.*", ".*is deprecated.*")

@@ -181,28 +181,6 @@ def test_console_script_lists_recipes():
     assert "default" in result.stdout and "swa-digits" in result.stdout
 
 
-def test_export_subcommand_writes_integer_weights_and_an_int8_model(tmp_path, capsys):
-    import torch
-
-    from lichtenberg.core.quantization import dequantize
-
-    main(["fit", "--config", "qat-digits", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "10",
-          "--trainer.limit_val_batches", "2", "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"])
-    (ckpt,) = tmp_path.glob("**/*.ckpt")
-    main(["export", "--config", "qat-digits", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "m.int.pt")])
-    saved = torch.load(tmp_path / "m.int.pt", weights_only=False)
-    assert set(saved["quantized"]) == {"features.0", "features.3", "classifier"}  # conv layers included
-    for entry in saved["quantized"].values():
-        assert entry["weight"].dtype == torch.int8 and entry["weight"].abs().max() <= 8  # 4-bit levels
-        assert dequantize(entry).shape == entry["weight"].shape
-    assert not any("quantizer" in k for k in saved["float"])
-    main(["export", "--config", "qat-digits", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "m.int8.pt"), "--int8"])
-    int8 = torch.load(tmp_path / "m.int8.pt", weights_only=False)
-    assert "DynamicQuantizedLinear" in repr(int8)
-    assert int8(torch.randn(2, 1, 8, 8)).shape == (2, 10)
-    assert "lichtenberg export:" in capsys.readouterr().out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SHARDED)
 def test_sharded_recipe_trains_on_two_processes_and_exports_a_plain_model(name, tmp_path):
