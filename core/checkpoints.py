@@ -81,12 +81,20 @@ def plain_state_dict(checkpoint: Mapping[str, Any] | str | os.PathLike, averaged
     beside = {k: suffix for k in state for suffix in _BESIDE
               if k.endswith(suffix) and k[: -len(suffix)] in state and isinstance(state[k], Tensor)}
     masks = {k[: -len("_mask")]: state[k] for k, suffix in beside.items() if suffix == "_mask" and state[k].dtype == torch.bool}
-    out = {k: v.clone() for k, v in state.items() if k not in beside and not any(p in k for p in _QUANTIZER_PARTS)}
+    out: dict[str, Any] = {}
+    copies: dict[tuple, Tensor] = {}  # one copy per tied parameter: its aliases stay one tensor
+    for k, v in state.items():
+        if k in beside or any(p in k for p in _QUANTIZER_PARTS):
+            continue
+        if not isinstance(v, Tensor) or v.numel() == 0:  # empty tensors may share a null data pointer
+            out[k] = v.clone() if isinstance(v, Tensor) else v
+        else:
+            out[k] = copies.setdefault(_identity(v), v.clone())
     if averaged is not None:
         buffers = {k[: -len(s)]: state[k] for k, s in beside.items() if _BESIDE[s] == averaged}
         _load_averages(out, state, checkpoint, averaged, buffers)
     for name, mask in masks.items():
-        out[name].mul_(mask)
+        out[name].mul_(mask)  # a tied weight's aliases carry the same mask: applying it twice is a no-op
     return out
 
 
@@ -106,5 +114,6 @@ def _load_averages(out: dict[str, Tensor], state: Mapping[str, Tensor], checkpoi
             continue  # averaged quantizer scales belong to the fake-quant layers, not the plain module
         if name not in out:
             raise ValueError(f"the {averaged} state averages {name!r}, which the model state does not hold.")
+        copy = average.to(out[name].dtype).clone()
         for alias in aliases[_identity(state[name])]:
-            out[alias] = average.to(out[alias].dtype).clone()
+            out[alias] = copy

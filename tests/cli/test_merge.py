@@ -206,5 +206,5 @@ def test_the_console_script_prints_the_one_line_error(run, tmp_path, capsys, mon
         main(["merge", run["ckpts"][0], "--method", "ties", "--out", str(tmp_path / "x.ckpt")])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert "lichtenberg merge: --method 'ties' needs a base" in err
+    assert err.startswith("lichtenberg merge: error: --method 'ties' needs a base") and len(err.splitlines()) == 2
     assert "Traceback" not in err and not list(tmp_path.iterdir())
