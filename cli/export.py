@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file")
     p.add_argument("--format", choices=FORMATS, help="int (default), int8, compressed or plain; see docs/export.md")
     p.add_argument("--int8", action="store_true", help="the same as --format int8")
-    p.add_argument("--averaged", choices=("EMA", "SWA"), help="export the EMA / SWA averages instead of the raw weights")
+    p.add_argument("--averaged", choices=("EMA", "SWA", "Soup"),
+                   help="export the EMA / SWA / Soup averages instead of the raw weights")
     return p
 
 
@@ -125,7 +126,7 @@ def _check_averaged(checkpoint: dict[str, Any], args: argparse.Namespace) -> Non
     states = [k for k in checkpoint.get("callbacks") or {} if isinstance(k, str) and k.startswith(args.averaged + "{")]
     buffers = any(k.endswith("_" + args.averaged.lower()) for k in checkpoint["state_dict"])
     if len(states) > 1 or not (states or buffers):
-        other = {"EMA": "SWA", "SWA": "EMA"}[args.averaged]
+        other = {"EMA": "SWA", "SWA": "EMA", "Soup": "EMA"}[args.averaged]
         raise ValueError(f"--averaged {args.averaged}: {args.ckpt_path} holds {len(states)} {args.averaged} states, not "
                          f"one; export the raw weights (no --averaged) or a run's other averages (--averaged {other}).")
 

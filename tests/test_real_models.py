@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lichtenberg.callbacks import (
     EMA,
     SWA,
+    Soup,
     DataPruning,
     DynamicSparseTraining,
     GradualPruning,
@@ -86,6 +87,7 @@ CALLBACKS = {
     "QuantizationAwareTraining": lambda: QuantizationAwareTraining(weight_bits=8, activation_bits=8),
     "EMA": lambda: EMA(decay=0.9),
     "SWA": lambda: SWA(start=0.5),
+    "Soup": lambda: Soup(keep=2, start=0.0),
     "SampleReweighting": lambda: SampleReweighting(warmup_steps=4),
     "DataPruning": lambda: DataPruning(ratio=0.5, anneal=0.0),
 }
@@ -107,6 +109,8 @@ def test_every_callback_on_other_peoples_models(kind, name):
         assert all(m.weight_quantizer.enabled for m in layers.values())
     if name in ("EMA", "SWA"):
         assert cb.raw_weights is not None and cb.averaged.num_updates > 0
+    if name == "Soup":  # the module holds the mean of the last two epochs' weights
+        assert cb.raw_weights is not None and len(cb.state_dict()["slots"]) == 2
     if name == "SampleReweighting":
         assert cb.state_dict()["batches_weighted"] > 0
     if name == "DataPruning":
