@@ -14,6 +14,16 @@ Lifecycle (see docs/design.md):
 With several averaging callbacks attached, only the last one that evaluates (and the last
 one that applies at the end) swaps weights; the others keep their averages in their state.
 
+Other callbacks that change the model talk to every averaging callback through two helpers
+(they may look at ``trainer.callbacks``; ``core`` never does):
+- ``track_added(trainer, module)``: the model gained tensors after the averaging callbacks
+  bound (QAT's quantizer scales): averaging ones bound earlier average them too, so the
+  averaged set does not depend on the order of ``callbacks``;
+- ``restart_averages(trainer, tensors)``: those tensors were (re)initialised just now (QAT's
+  scales when quantization starts): each average of them restarts from the current value, as
+  if averaging had begun there (``_Averaging.restart_``, the one override point). Call it at the
+  event, before the step's updates, on every rank alike; the restarts are callback state.
+
 Under FSDP2 (ModelParallelStrategy) the average of a sharded parameter is a DTensor of its
 layout, updated and swapped shard to shard. Callback state is saved by rank 0 alone, so
 these live in the model during a fit, as persistent buffers ``net.0.weight_ema`` (``_swa``)
@@ -25,6 +35,7 @@ as under DDP. See docs/averaging.md, "Sharded runs".
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from functools import partial
 from typing import Any
 
@@ -51,8 +62,30 @@ from ._summary import format_table
 __all__: list[str] = []
 
 
+def averaging_callbacks(trainer: pl.Trainer) -> list[_Averaging]:
+    """The averaging callbacks of ``trainer`` (EMA, SWA, Soup, subclasses), in their order."""
+    return [cb for cb in trainer.callbacks if isinstance(cb, _Averaging)]
+
+
+def track_added(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """The model gained parameters or buffers after binding (before a checkpoint restore): every
+    averaging callback bound already starts averaging them from their current values."""
+    for cb in averaging_callbacks(trainer):
+        cb.track_(pl_module)
+
+
+def restart_averages(trainer: pl.Trainer, tensors: Iterable[torch.Tensor]) -> None:
+    """``tensors`` of the model were (re)initialised just now: every averaging callback restarts
+    their averages from their current values (see ``_Averaging.restart_``). Pass the module's
+    tensor objects (tied aliases resolve by identity); call it at the event, never per step."""
+    tensors = list(tensors)
+    for cb in averaging_callbacks(trainer):
+        cb.restart_(tensors)
+
+
 class _Averaging(_Base):
-    """Base of the averaging callbacks. Subclasses override ``_weight`` and the two ``_due_*``."""
+    """Base of the averaging callbacks. Subclasses override ``_weight`` and the two ``_due_*`` (and
+    ``restart_`` / ``track_`` when they keep more than the averages, as Soup does)."""
 
     name = "averaging"
     _resume_free = ("offload_to_cpu", "evaluate_averaged", "apply_at_end")
@@ -72,8 +105,9 @@ class _Averaging(_Base):
         self._dtypes: dict[str, torch.dtype] = {}  # of the sharded averages, by parameter name
 
     # -- the override points -------------------------------------------------------------
-    def _weight(self) -> float:
-        """Interpolation weight of the next update (``avg += w * (current - avg)``)."""
+    def _weight(self, updates: int) -> float:
+        """Interpolation weight (``avg += w * (current - avg)``) of an average's update after
+        ``updates`` earlier ones (counted from its restart for a restarted tensor)."""
         raise NotImplementedError
 
     def _due_after_step(self, step: int) -> bool:
@@ -108,13 +142,48 @@ class _Averaging(_Base):
     def _bind(self, pl_module: pl.LightningModule) -> None:
         reshard_(pl_module)  # bind the shards, not a gathered copy
         self.averaged = AveragedWeights(pl_module, device="cpu" if self.offload_to_cpu else None)
-        sharded = {n: t for n, t in self.averaged.tensors.items() if is_sharded(t)}
-        for name, tensor in sharded.items():
-            check_layout(name, tensor)
-        self._dtypes = {n: t.dtype for n, t in sharded.items()}
-        self._attached = attach_buffers_(pl_module, sharded, f"_{self.name}")
+        self._dtypes, self._attached = {}, []
+        self._attach(pl_module, list(self.averaged.tensors))
         if self._pending:
             self._load_state(self._pending)
+
+    def _attach(self, pl_module: pl.LightningModule, names: list[str]) -> None:
+        """Under FSDP2: the averages of ``names`` that are sharded become model buffers."""
+        assert self.averaged is not None
+        sharded = {n: self.averaged.tensors[n] for n in names if is_sharded(self.averaged.tensors[n])}
+        for name, tensor in sharded.items():
+            check_layout(name, tensor)
+        self._dtypes.update({n: t.dtype for n, t in sharded.items()})
+        self._attached += attach_buffers_(pl_module, sharded, f"_{self.name}")
+
+    # -- tensors other callbacks add or re-initialise (see the module docstring) ---------------
+    def track_(self, pl_module: pl.LightningModule) -> list[str]:
+        """Start averaging the model's tensors this callback does not average yet (added by a
+        callback that bound after it); returns their names. Before the checkpoint restore only."""
+        if self.averaged is None or not self.averaged.bound_to(pl_module):
+            return []
+        reshard_(pl_module)
+        new = self.averaged.add_(pl_module)
+        self._attach(pl_module, new)
+        return new
+
+    def restart_(self, tensors: Iterable[torch.Tensor]) -> list[str]:
+        """Restart the averages of ``tensors`` (objects of the bound module) from their current
+        values, as if this callback had started averaging them now; returns their names.
+
+        EMA and SWA: the next update copies them, then EMA's warm-up and SWA's count go on from
+        the restart (``AveragedWeights.restart_``). While the module holds the averages (a
+        validation) the current value is the model's new one: the raw weights to restore take it.
+        """
+        if self.averaged is None:
+            return []
+        names = self.averaged.names_of(tensors)
+        if not names:
+            return []
+        self.averaged.restart_(names)
+        if self._raw is not None:
+            load_tensors_(self._raw, {n: self.averaged._current[n] for n in names})
+        return names
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # The averages stay with this callback (and in the module if applied); the model loses the keys.
@@ -159,8 +228,8 @@ class _Averaging(_Base):
 
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, on_step: bool = True) -> None:
         assert self.averaged is not None
-        weight = self._weight()
-        self.averaged.update_(weight)
+        weight = self._weight(self.averaged.num_updates)
+        self.averaged.update_(self._weight)  # restarted tensors get the weight of their own count
         # Lightning's log() costs ~0.1 ms, and each logged float is a host-to-device copy (a sync
         # on CUDA): only pay it when the logger will write.
         if not on_step or step % max(trainer.log_every_n_steps, 1) == 0:

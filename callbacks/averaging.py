@@ -86,8 +86,8 @@ class EMA(_Averaging):
         assert self.averaged is not None
         return ema_decay(self.averaged.num_updates, self.decay, self.warmup_gamma, self.warmup_power)
 
-    def _weight(self) -> float:
-        return 1.0 - self.current_decay()
+    def _weight(self, updates: int) -> float:
+        return 1.0 - ema_decay(updates, self.decay, self.warmup_gamma, self.warmup_power)
 
     def _due_after_step(self, step: int) -> bool:
         return step > self.start_step and step % self.every_n_steps == 0
@@ -210,9 +210,8 @@ class SWA(_Averaging):
         epochs = min(epochs, math.ceil(total / per_epoch))
         return any((e + 1) % self.every_n == 0 and min((e + 1) * per_epoch, total) > self._start_step for e in range(epochs))
 
-    def _weight(self) -> float:
-        assert self.averaged is not None
-        return 1.0 / (self.averaged.num_updates + 1)
+    def _weight(self, updates: int) -> float:
+        return 1.0 / (updates + 1)
 
     def _due_after_step(self, step: int) -> bool:
         return self.interval == "step" and step > self._start_step and step % self.every_n == 0

@@ -6,6 +6,8 @@ Everything the quantizers learn or observe is module state, so checkpoints carry
 resume is bit-exact; the callback itself only derives the mode from ``global_step``.
 Under FSDP2 the swap follows ``fully_shard``: learned scales are replicated DTensors whose
 gradients this callback averages once per step (``lichtenberg.core.quantization.sharded``).
+With EMA / SWA / Soup attached, the quantizers' tensors are averaged too, restarted when
+quantization starts (placeholders before it): see ``_averaging.restart_averages``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..core.quantization.modules import _Quant
 from ..core.quantization.sharded import average_gradients_, replicate_quantizers_
 from ..core.schedules import resolve_step
 from ..core.targets import Targets, select_targets
+from ._averaging import restart_averages, track_added
 from ._base import _Base, after_configure_model, never_acts, run_length
 from ._strategy import check_strategy
 from ._summary import format_table
@@ -133,6 +136,8 @@ class QuantizationAwareTraining(_Base):
         self._layers, self._replicated = {}, []
         self._start, self._freeze, self._total, self._frozen_at = 0, None, 1, -1
         self._enabled = False
+        self._restarted = False  # whether averaging callbacks restarted the quantizers' averages (see _set_mode)
+        self._waiting: list[str] = []  # layers whose input scales are still to observe a batch, then restart
 
     @property
     def state_key(self) -> str:
@@ -152,9 +157,9 @@ class QuantizationAwareTraining(_Base):
         if stage != "fit" and self._bound_to(pl_module):
             return
         self._reset()
-        after_configure_model(pl_module, partial(self._bind, pl_module))
+        after_configure_model(pl_module, partial(self._bind, pl_module, trainer))
 
-    def _bind(self, pl_module: pl.LightningModule) -> None:
+    def _bind(self, pl_module: pl.LightningModule, trainer: pl.Trainer) -> None:
         selection = select_targets(pl_module, self.targets)
         # One quantizer per tensor: every module holding a target weight (tied aliases) is swapped.
         modules = {name.rpartition(".")[0]: m for name, m in selection.modules.items()}
@@ -188,6 +193,7 @@ class QuantizationAwareTraining(_Base):
                  if getattr(m, q, None) is not None for b, _ in getattr(m, q).named_buffers()]
         ignored = set(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", ()))
         pl_module._ddp_params_and_buffers_to_ignore = sorted(ignored | set(names))
+        track_added(trainer, pl_module)  # averaging callbacks bound before the swap average the scales too
 
     def _check_loaded_quantizers(self, module: torch.nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
         """A checkpoint of other quantizers (LSQ instead of dynamic inputs, other scale shapes) is
@@ -253,9 +259,12 @@ class QuantizationAwareTraining(_Base):
         self._set_mode(trainer.global_step)
 
     # -- training ------------------------------------------------------------------------
-    def _set_mode(self, step: int) -> None:
+    def _set_mode(self, step: int, trainer: pl.Trainer | None = None) -> None:
         """Switch the quantizers on or off (tensor mirrors written only on a change) and, when on,
-        initialise weight scales here, outside the forward: a compiled forward never branches on it."""
+        initialise weight scales here, outside the forward: a compiled forward never branches on it.
+        When quantization starts in a fit (``trainer`` given: global_step is final) the averaging
+        callbacks restart the averages of the quantizers' tensors, whose earlier values were
+        placeholders no trained model used; input scales once they observed their first batch."""
         self._enabled = step >= self._start
         progress = min(step / self._total, 1.0)
         o = 1.0 + (1.0 - math.cos(math.pi * progress / 2)) * (_RESTE_O_END - 1.0) if self.weight_method == "reste" else 1.0
@@ -267,10 +276,25 @@ class QuantizationAwareTraining(_Base):
             wq.o = o
             if module.input_quantizer is not None:
                 module.input_quantizer.enabled = self._enabled
+        if trainer is not None and self._enabled and not self._restarted and trainer.state.fn == "fit":
+            self._restarted = True  # callback state: a resume past this point does not restart again
+            restart_averages(trainer, (p for m in self._unique_weight_quantizers() for p in m.weight_quantizer.parameters()))
+            self._waiting = [n for n, m in self._layers.items() if m.input_quantizer is not None
+                             and any(True for _ in m.input_quantizer.parameters())]
+            self._restart_observed(trainer)
+
+    def _restart_observed(self, trainer: pl.Trainer, *args: Any) -> None:
+        """Restart the averages of the input scales that observed their first quantized batch (a
+        Python flag, no sync); called before the step's averaging updates and after validation batches
+        (quantization may start at a validation, before the averages held for it are swapped out)."""
+        done = [n for n in self._waiting if self._layers[n].input_quantizer._signed is not None]
+        if done:
+            self._waiting = [n for n in self._waiting if n not in done]
+            restart_averages(trainer, (p for n in done for p in self._layers[n].input_quantizer.parameters()))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        self._set_mode(step)
+        self._set_mode(step, trainer)
         if self._freeze is not None and step == self._freeze and self._frozen_at != step:
             self._frozen_at = step
             frozen = sum(m.weight_quantizer.freeze_(_FREEZE_THRESHOLD) for m in self._unique_weight_quantizers()
@@ -279,9 +303,12 @@ class QuantizationAwareTraining(_Base):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         average_gradients_(self._replicated)  # before the module's hook and clipping, as DDP's average
+        self._restart_observed(trainer)
+
+    on_validation_batch_end = _restart_observed
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._set_mode(trainer.global_step)
+        self._set_mode(trainer.global_step, trainer)
 
     on_test_start = on_predict_start = on_validation_start
 
@@ -320,7 +347,8 @@ class QuantizationAwareTraining(_Base):
 
     def _state(self) -> dict[str, Any]:
         # Scales, observed ranges and oscillation statistics are module state (in the checkpoint).
-        return {"frozen_at": self._frozen_at}
+        return {"frozen_at": self._frozen_at, "restarted": self._restarted, "waiting": list(self._waiting)}
 
     def _load_state(self, state_dict: dict[str, Any]) -> None:
         self._frozen_at = int(state_dict["frozen_at"])
+        self._restarted, self._waiting = bool(state_dict.get("restarted")), list(state_dict.get("waiting", []))

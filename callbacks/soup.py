@@ -5,6 +5,8 @@ swaps, the checkpoints' raw model state, the end-of-fit swap and summary. The sn
 ``<param>_soup_kept`` sharded like the parameter). The soup is recomputed from them at each change,
 by the rules of ``core.merging.merge(kept, "uniform")`` but in place on the local shards (merge
 builds new whole states and syncs per tensor): no running sum drifts, a resume is bit-identical.
+A tensor whose average was restarted (QAT's scales when quantization starts) is the mean of the
+snapshots taken after the restart only, and keeps its restart value until there is one.
 """
 
 from __future__ import annotations
@@ -135,6 +137,18 @@ class Soup(_Averaging):
         if pending:
             self._load_state(pending)
 
+    def track_(self, pl_module: pl.LightningModule) -> list[str]:
+        new = super().track_(pl_module)
+        if not new:
+            return new
+        assert self.averaged is not None
+        stacks = {n: _stack(self.averaged.tensors[n], self.keep) for n in new}  # snapshot slots for them too
+        self._kept.update(stacks)
+        sharded = {n: t for n, t in stacks.items() if is_sharded(t)}
+        self._kept_dtypes.update({n: t.dtype for n, t in sharded.items()})
+        self._attached += attach_buffers_(pl_module, sharded, _KEPT)
+        return new
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         others = [type(c).__name__ for c in trainer.callbacks if isinstance(c, _Averaging) and c is not self
@@ -223,7 +237,8 @@ class Soup(_Averaging):
                 return
             slot = worst["slot"]
         self._slots = [s for s in self._slots if s["slot"] != slot]
-        self._slots.append({"slot": slot, "epoch": trainer.current_epoch, "step": trainer.global_step, "score": score})
+        self._slots.append({"slot": slot, "epoch": trainer.current_epoch, "step": trainer.global_step, "score": score,
+                            "update": self.averaged.num_updates})  # tells snapshots from before a restart
         reshard_(pl_module)  # FSDP2 after validation: read the shards, not a gathered copy
         current = self.averaged._current
         load_tensors_({n: shard_view(t)[slot] for n, t in self._kept.items()}, {n: shard_view(current[n]) for n in self._kept})
@@ -236,16 +251,22 @@ class Soup(_Averaging):
 
     @torch.no_grad()
     def _recompute(self) -> None:
-        """The soup, in place and shard-local: the kept snapshots' sum, oldest first, over their number.
+        """The soup, in place and shard-local: the kept snapshots' sum, oldest first, over their number
+        (for a restarted tensor, of those taken since its restart; none: it keeps its restart value).
         Integer buffers come from the oldest, as in ``core.merging.merge(kept, "uniform")``."""
         assert self.averaged is not None
-        order, tensors = [s["slot"] for s in self._slots], self.averaged.tensors
+        order, tensors, restarted = [s["slot"] for s in self._slots], self.averaged.tensors, self.averaged.restarted
+        update = {s["slot"]: s["update"] for s in self._slots}
         floats = [n for n, t in tensors.items() if t.is_floating_point()]
-        out, stacks = [shard_view(tensors[n]) for n in floats], [shard_view(self._kept[n]) for n in floats]
-        torch._foreach_copy_(out, [s[order[0]] for s in stacks])
-        for slot in order[1:]:
-            torch._foreach_add_(out, [s[slot] for s in stacks])
-        torch._foreach_div_(out, float(len(order)))
+        for since in sorted({restarted.get(n, 0) for n in floats}):
+            names, slots = [n for n in floats if restarted.get(n, 0) == since], [s for s in order if update[s] >= since]
+            if not slots:
+                continue
+            out, stacks = [shard_view(tensors[n]) for n in names], [shard_view(self._kept[n]) for n in names]
+            torch._foreach_copy_(out, [s[slots[0]] for s in stacks])
+            for slot in slots[1:]:
+                torch._foreach_add_(out, [s[slot] for s in stacks])
+            torch._foreach_div_(out, float(len(slots)))
         load_tensors_({n: shard_view(tensors[n]) for n in tensors if n not in floats},
                       {n: shard_view(self._kept[n])[order[0]] for n in tensors if n not in floats})
 
@@ -271,7 +292,7 @@ class Soup(_Averaging):
             return state
         # Sharded stacks are saved with the model (buffers); rank 0's shards alone would be wrong.
         state["kept"] = {n: t for n, t in self._kept.items() if not is_sharded(t)}
-        state["slots"] = [{k: s[k] for k in ("slot", "epoch", "step")} for s in self._slots]
+        state["slots"] = [{k: s[k] for k in ("slot", "epoch", "step", "update")} for s in self._slots]
         if self.monitor is not None:  # a tensor: compared to float tolerance across strategies, exact on resume
             state["scores"] = torch.tensor([s["score"] for s in self._slots], dtype=torch.float64)
         state["candidates"] = self._candidates
@@ -289,6 +310,6 @@ class Soup(_Averaging):
                              "resume with the model the checkpoint was trained with.")
         load_tensors_(self._kept, kept)
         scores = state_dict.get("scores")
-        self._slots = [{**s, "score": None if scores is None else float(scores[i])}
+        self._slots = [{"update": 0, **s, "score": None if scores is None else float(scores[i])}  # no restarts before
                        for i, s in enumerate(state_dict.get("slots", []))]
         self._candidates = int(state_dict.get("candidates", 0))

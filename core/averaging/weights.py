@@ -8,6 +8,11 @@ tensors (parameters and buffers such as BatchNorm statistics) are averaged with 
 qualified name, so re-registering a parameter (as ``torch.nn.utils.prune`` does) cannot
 mis-pair them the way a positional zip does.
 
+A tensor the model re-initialises mid-run (QAT's scales when quantization starts) has its
+average restarted by :meth:`AveragedWeights.restart_`: it is set to the current value, and the
+update weight of that tensor is computed from the updates since the restart (``update_`` takes
+the weight as a function of that count), as if averaging had begun there.
+
 Sharded parameters (FSDP2 DTensors) get DTensor averages of the same layout, created and
 updated on the local shards only (no communication per update); :meth:`AveragedWeights.full_state_dict`
 gathers whole tensors for an export. Where they are saved is the caller's choice
@@ -24,7 +29,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -140,6 +145,8 @@ class AveragedWeights:
         self.num_updates = 0
         self.tensors: dict[str, Tensor] = {}
         self.buffer_names: set[str] = set()
+        # name -> num_updates when its average restarted (absent: averaged from the first update).
+        self.restarted: dict[str, int] = {}
         self.add_(module, names)
 
     def add_(self, module: nn.Module, names: Iterable[str] | None = None) -> list[str]:
@@ -174,23 +181,31 @@ class AveragedWeights:
         self._masks = {n: m for n, m in masks.items() if m is not None}
         # Every foreach list below holds local shards (the tensors themselves when not sharded).
         self._masked = ([shard_view(current[n]) for n in self._masks], [shard_view(m) for m in self._masks.values()])
-        self._groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
-        self._casts: list[tuple[Tensor, Tensor]] = []
-        self._copies: tuple[list[Tensor], list[Tensor]] = ([], [])
         for name, avg in self.tensors.items():
             if is_sharded(avg) != is_sharded(current[name]):
                 raise ValueError(f"'{name}' is {'' if is_sharded(current[name]) else 'not '}sharded but its average "
                                  "is not laid out alike: bind averages to the model they were made from.")
-            cur, avg = shard_view(current[name]), shard_view(avg)
+        self._group()
+
+    def _group(self) -> None:
+        """The foreach lists of ``update_``: one per (device, dtype, restart) of the floating
+        tensors, the ones needing a conversion, and the integer buffers (copied)."""
+        self._groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
+        self._casts: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        self._copies: tuple[list[Tensor], list[Tensor]] = ([], [])
+        for name, avg in self.tensors.items():
+            cur, avg = shard_view(self._current[name]), shard_view(avg)
+            since = self.restarted.get(name, 0)
             if not avg.is_floating_point():
                 self._copies[0].append(avg)
                 self._copies[1].append(cur)
             elif cur.device == avg.device and cur.dtype == avg.dtype:
-                avgs, curs = self._groups.setdefault((avg.device, avg.dtype), ([], []))
+                avgs, curs = self._groups.setdefault((avg.device, avg.dtype, since), ([], []))
                 avgs.append(avg)
                 curs.append(cur)
             else:
-                self._casts.append((avg, cur))
+                self._casts.setdefault(since, []).append((avg, cur))
+        self._since = sorted({0, *self.restarted.values()})
 
     def bound_to(self, module: nn.Module) -> bool:
         """Whether the copies are bound to ``module``'s own tensors (the same objects, by name)."""
@@ -199,27 +214,57 @@ class AveragedWeights:
         except ValueError:
             return False
 
-    def update_(self, weight: float) -> None:
-        """``avg <- avg + weight * (current - avg)`` for floating tensors; integer buffers copied.
+    def update_(self, weight: float | Callable[[int], float]) -> None:
+        """``avg <- avg + w * (current - avg)`` for floating tensors; integer buffers copied.
+
+        Args:
+            weight: ``w`` for every tensor, or a function giving ``w`` from the number of updates
+                a tensor's average has had (``num_updates``, or the updates since its
+                :meth:`restart_`): what an averaging rule with a warm-up or a count needs.
 
         One ``torch._foreach_lerp_`` per (device, dtype) group and one ``torch._foreach_copy_``
-        for the integer buffers: nothing is allocated and nothing waits for the device.
+        for the integer buffers (a restarted tensor's group is one more): nothing is allocated
+        and nothing waits for the device.
         """
+        n = self.num_updates
+        w = {s: weight(n - s) for s in self._since} if callable(weight) else dict.fromkeys(self._since, weight)
         # Grad mode is switched by hand: the no_grad decorator costs ~2 us a call, a third of
         # the lerp itself on a small model (docs/averaging.md, "Per-step cost").
         enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
-            for avgs, curs in self._groups.values():
-                torch._foreach_lerp_(avgs, curs, weight)
-            if self._casts:  # different device or dtype: one conversion each, then one lerp
-                avgs = [a for a, _ in self._casts]
-                torch._foreach_lerp_(avgs, [c.to(a.device, a.dtype, non_blocking=True) for a, c in self._casts], weight)
+            for (_, _, since), (avgs, curs) in self._groups.items():
+                torch._foreach_lerp_(avgs, curs, w[since])
+            for since, casts in self._casts.items():  # different device or dtype: one conversion each, then one lerp
+                avgs = [a for a, _ in casts]
+                torch._foreach_lerp_(avgs, [c.to(a.device, a.dtype, non_blocking=True) for a, c in casts], w[since])
             if self._copies[0]:
                 torch._foreach_copy_(self._copies[0], self._copies[1])
         finally:
             torch._C._set_grad_enabled(enabled)
         self.num_updates += 1
+
+    def names_of(self, tensors: Iterable[Tensor]) -> list[str]:
+        """The names under which the bound module's ``tensors`` (the objects themselves) are averaged."""
+        wanted = {id(t) for t in tensors}
+        return [name for name, t in self._current.items() if id(t) in wanted]
+
+    @torch.no_grad()
+    def restart_(self, names: Iterable[str]) -> None:
+        """Restart the averages of ``names`` from the bound tensors' current values.
+
+        Each average is set to the current value and its update count restarts: the next
+        :meth:`update_` passes 0 to the weight function for it (both EMA's and SWA's first
+        update then copy), so the tensor is averaged as if averaging had begun now. For a
+        tensor the model (re)initialised mid-run, such as a quantization scale when
+        quantization starts: the values it held before belong to no model that trained.
+        Call it at the event, not per step (it regroups the foreach lists).
+        """
+        names = [n for n in names if n in self.tensors]
+        load_tensors_({n: self.tensors[n] for n in names}, {n: self._current[n] for n in names})
+        if self.num_updates:  # before the first update every tensor counts from 0 already
+            self.restarted.update(dict.fromkeys(names, self.num_updates))
+            self._group()
 
     @torch.no_grad()
     def copy_to_(self) -> None:
@@ -244,7 +289,7 @@ class AveragedWeights:
             self.tensors = {n: t if is_sharded(t) else t.to(device) for n, t in self.tensors.items()}
 
     def state_dict(self) -> dict:
-        return {"num_updates": self.num_updates, "tensors": dict(self.tensors)}
+        return {"num_updates": self.num_updates, "tensors": dict(self.tensors), "restarted": dict(self.restarted)}
 
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, Tensor]:
@@ -262,6 +307,8 @@ class AveragedWeights:
     def load_state_dict(self, state: Mapping) -> dict[str, Tensor]:
         """Load counters and copies; returns the entries whose names are not tracked (yet)."""
         self.num_updates = int(state["num_updates"])
+        self.restarted = {n: int(s) for n, s in state.get("restarted", {}).items() if n in self.tensors}
+        self._group()
         unknown = {}
         for name, value in state["tensors"].items():
             if name in self.tensors:
