@@ -86,7 +86,7 @@ def _digits(seed: int, quick: bool, label_noise: float = 0.0, batch: int = BATCH
 
 def _mnist1d(seed: int, quick: bool):
     return (EpochCosineMLP(in_features=40, hidden=[256, 256], lr=LR),
-            MNIST1DDataModule(num_samples=1000 if quick else MNIST1D_SAMPLES, batch_size=BATCH, seed=seed))
+            MNIST1DDataModule(num_samples=200 if quick else MNIST1D_SAMPLES, batch_size=BATCH, seed=seed))
 
 
 TASKS: dict[str, Callable] = {"digits SmallCNN": _digits, "MNIST-1D MLP": _mnist1d}
@@ -224,13 +224,14 @@ class ShrinkingDigits(DigitsDataModule):
 
 
 def _ddp_fit(make_dm: Callable[[], L.LightningDataModule], callbacks: list[Callback], epochs: int,
-             seed: int) -> dict[str, Any]:
+             seed: int, **limits: Any) -> dict[str, Any]:
+    """One 2-process fit; ``limits``: a smoke run's ``limit_train_batches`` (a full run passes none)."""
     with tempfile.TemporaryDirectory() as tmp:
         L.seed_everything(seed, verbose=False)
         model = EpochCosineCNN(channels=32, lr=LR)
         trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=epochs, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            limit_val_batches=0, num_sanity_val_steps=0, callbacks=[*callbacks, Counter(tmp)])
+                            limit_val_batches=0, num_sanity_val_steps=0, callbacks=[*callbacks, Counter(tmp)], **limits)
         t0 = time.perf_counter()
         try:
             trainer.fit(model, datamodule=make_dm())
@@ -244,20 +245,23 @@ def _ddp_fit(make_dm: Callable[[], L.LightningDataModule], callbacks: list[Callb
 
 def run_ddp(quick: bool, seed: int = 0) -> dict[str, Any]:
     epochs = 3 if quick else DDP_EPOCHS
+    # --quick: 4 batches per epoch (the three 2-process launches, i.e. their imports, still dominate)
+    limits = {"limit_train_batches": harness.SMOKE_TRAIN_BATCHES} if quick else {}
     dm0 = DigitsDataModule(batch_size=DDP_BATCH, seed=seed)
     dm0.setup("fit")
     n = len(dm0.train_set)
     out: dict[str, Any] = {"epochs": epochs, "batch_per_rank": DDP_BATCH, "n_train": n, "seed": seed}
-    out["full data"] = _ddp_fit(lambda: DigitsDataModule(batch_size=DDP_BATCH, seed=seed), [], epochs, seed)
+    out["full data"] = _ddp_fit(lambda: DigitsDataModule(batch_size=DDP_BATCH, seed=seed), [], epochs, seed, **limits)
     print(f"[data_pruning] DDP | full data: {_ddp_status(out['full data'])}", flush=True)
     out["DataPruning"] = _ddp_fit(lambda: DigitsDataModule(batch_size=DDP_BATCH, seed=seed),
-                                  [DataPruning(ratio=RATIO, anneal=ANNEAL, seed=seed)], epochs, seed)
+                                  [DataPruning(ratio=RATIO, anneal=ANNEAL, seed=seed)], epochs, seed, **limits)
     print(f"[data_pruning] DDP | DataPruning: {_ddp_status(out['DataPruning'])}", flush=True)
     if "ranks" in out["DataPruning"]:
         kept = [2 * c for c in out["DataPruning"]["ranks"][0]["per_epoch"]]  # the global kept count of each epoch
         kept[0] = n  # the sampler's length at set-up: the first epoch is full in both
         out["kept"] = kept
-        out["emulated"] = _ddp_fit(lambda: ShrinkingDigits(kept, batch_size=DDP_BATCH, seed=seed), [], epochs, seed)
+        out["emulated"] = _ddp_fit(lambda: ShrinkingDigits(kept, batch_size=DDP_BATCH, seed=seed), [], epochs, seed,
+                                   **limits)
         print(f"[data_pruning] DDP | shrinking sampler under DistributedSamplerWrapper: "
               f"{_ddp_status(out['emulated'])}", flush=True)
     return out
@@ -592,7 +596,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     harness.main("data_pruning", run, render, plot, "data pruning: cost, accuracy, DDP epoch lengths and EL2N", argv,
-                 threads=THREADS, quick="1 seed, 3 epochs, small data", seeds=3, quick_seeds=lambda n: 1)
+                 threads=THREADS, quick="1 seed, 3 epochs of 4 batches, small data", seeds=3, quick_seeds=lambda n: 1)
 
 
 if __name__ == "__main__":

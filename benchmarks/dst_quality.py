@@ -140,12 +140,12 @@ def _optim(sgd: bool) -> dict[str, Any]:
 def _teacher_student(seed: int, quick: bool, sgd: bool = False) -> tuple[L.LightningModule, L.LightningDataModule]:
     model = MLP(in_features=TEACHER_SIZES[0], hidden=list(TEACHER_SIZES[1:-1]), num_classes=TEACHER_SIZES[-1],
                 scheduler="cosine", **_optim(sgd))
-    return model, TeacherData(seed, 1024 if quick else N_TRAIN, 512 if quick else N_TEST)
+    return model, TeacherData(seed, 256 if quick else N_TRAIN, 256 if quick else N_TEST)
 
 
 def _mnist1d(seed: int, quick: bool, sgd: bool = False) -> tuple[L.LightningModule, L.LightningDataModule]:
     model = MLP(in_features=40, hidden=HIDDEN, scheduler="cosine", **_optim(sgd))
-    return model, MNIST1DDataModule(num_samples=1000 if quick else NUM_SAMPLES, batch_size=BATCH, seed=seed)
+    return model, MNIST1DDataModule(num_samples=200 if quick else NUM_SAMPLES, batch_size=BATCH, seed=seed)
 
 
 TASKS: dict[str, Callable] = {"sparse teacher-student": _teacher_student, "MNIST-1D MLP": _mnist1d}
@@ -197,7 +197,7 @@ def fit_and_test(task: str, seed: int, make: Callable, steps: int, every: int, q
 
 
 def run(seeds: int, quick: bool) -> dict[str, Any]:
-    steps, every = (60, 5) if quick else (STEPS, EVERY)
+    steps, every = (12, 3) if quick else (STEPS, EVERY)  # --quick: updates at steps 0, 3, 6 and 9
     results: dict[str, Any] = {
         "settings": dict(seeds=list(range(seeds)), optimizer="Adam, cosine LR to 0", lr=LR, batch=BATCH, steps=steps,
                          start=START, end=END, every_n_steps=every, drop_fraction=DROP_FRACTION, gamma=GAMMA,
@@ -415,7 +415,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     # --quick runs one seed unless --seeds says otherwise (3, the default, counts as not saying).
     harness.main("dst_quality", run, render, plot, "DST accuracy vs dense", argv, threads=THREADS,
-                 quick="60 steps, one sparsity", seeds=3, quick_seeds=lambda n: 1 if n == 3 else n)
+                 quick="12 steps, one sparsity", seeds=3, quick_seeds=lambda n: 1 if n == 3 else n)
 
 
 if __name__ == "__main__":

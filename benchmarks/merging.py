@@ -88,15 +88,19 @@ class ShiftedMNIST1D(MNIST1DDataModule):
 
 
 class Evaluator:
-    """Loads a state into the run's model, re-estimates BatchNorm where asked, and validates or tests."""
+    """Loads a state into the run's model, re-estimates BatchNorm where asked, and validates or tests.
 
-    def __init__(self, model: L.LightningModule, dm: L.LightningDataModule, has_bn: bool) -> None:
-        self.model, self.dm, self.has_bn = model, dm, has_bn
+    ``bn_batches``: the batches of a BatchNorm re-estimate (None, a full run: the whole training split).
+    """
+
+    def __init__(self, model: L.LightningModule, dm: L.LightningDataModule, has_bn: bool,
+                 bn_batches: int | None = None) -> None:
+        self.model, self.dm, self.has_bn, self.bn_batches = model, dm, has_bn, bn_batches
 
     def load(self, state: dict[str, torch.Tensor], soup: bool) -> None:
         self.model.load_state_dict(state)
         if soup and self.has_bn:
-            update_bn_(self.model, self.dm.train_dataloader(), lambda m, b: m(b[0]))
+            update_bn_(self.model, self.dm.train_dataloader(), lambda m, b: m(b[0]), max_batches=self.bn_batches)
 
     def val_acc(self, state: dict[str, torch.Tensor], soup: bool) -> float:
         self.load(state, soup)
@@ -145,7 +149,7 @@ def train(task: str, seed: int, epochs: int, quick: bool) -> dict[str, Any]:
     snapshots, ema = Snapshots(), EMA(decay=EMA_DECAY)
     _, fit_s = harness.fit(model, dm, [snapshots, ema, SWA(start=SWA_START)], max_epochs=epochs)
     swa = {k: v.detach().clone() for k, v in model.state_dict().items()}  # the module holds SWA's weights
-    evaluator = Evaluator(model, dm, has_bn)
+    evaluator = Evaluator(model, dm, has_bn, bn_batches=harness.SMOKE_TRAIN_BATCHES if quick else None)
     val = [evaluator.val_acc(s, soup=False) for s in snapshots.states]
     return {"snapshots": snapshots.states, "ema": ema.averaged_state_dict(), "swa": swa, "val": val,
             "evaluator": evaluator, "fit_s": fit_s, "model": model, "dm": dm}
@@ -270,7 +274,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     harness.main("merging", run, render, plot, "Δ accuracy of soups, EMA and SWA vs the last epoch; WiSE-FT curve",
-                 argv, threads=THREADS, quick="1 seed, 3 epochs, small data, 1 fine-tuning epoch", seeds=3,
+                 argv, threads=THREADS, quick="1 seed, 3 epochs of 4 batches, small data, 1 fine-tuning epoch", seeds=3,
                  quick_seeds=lambda n: 1)
 
 
