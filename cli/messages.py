@@ -11,6 +11,7 @@ import importlib
 import inspect
 import logging
 import re
+import sys
 import warnings
 
 __all__ = ["did_you_mean", "quiet_lightning", "short"]
@@ -24,6 +25,10 @@ _NOISY_WARNINGS = (".*does not have many workers.*", ".*GPU available but not us
                    ".*`tensorboardX` has been removed.*", ".*is deprecated.*")
 _LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
             "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.seed")
+# Importing the standalone `pytorch_lightning` / `lightning_fabric` packages re-points the shared
+# rank-zero logger (lightning_utilities' `rank_zero.log`) at their own names: cover those too.
+_LOGGERS += tuple(n.replace("lightning.pytorch", "pytorch_lightning").replace("lightning.fabric", "lightning_fabric")
+                  for n in _LOGGERS)
 
 
 class _DropNoise(logging.Filter):
@@ -36,7 +41,9 @@ _FILTER = _DropNoise()
 
 def quiet_lightning(quiet: bool = True) -> None:
     """Drop Lightning's banners, tips and advisory warnings; ``quiet=False`` (``-v``) lets them through."""
-    for name in _LOGGERS:
+    shared = sys.modules.get("lightning_utilities.core.rank_zero")
+    names = {*_LOGGERS, *([shared.log.name] if shared is not None and hasattr(shared, "log") else [])}
+    for name in names:
         logger = logging.getLogger(name)
         if quiet:
             logger.addFilter(_FILTER)  # no-op when present
