@@ -194,3 +194,13 @@ def test_sharded_recipe_trains_on_two_processes_and_exports_a_plain_model(name, 
     weights = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     assert zeros >= 0.3, f"the pruning schedule had begun by step 40: {zeros:.2f} of the weights are zero"
+
+
+def test_quiet_also_after_the_standalone_pytorch_lightning_package_is_imported(caplog):
+    # Importing pytorch_lightning re-points lightning_utilities' shared rank-zero logger at
+    # "pytorch_lightning.utilities.rank_zero": Lightning's banners then came through (seen in the full suite).
+    import pytorch_lightning  # noqa: F401
+
+    caplog.set_level(logging.INFO)
+    main(["fit", "--trainer.fast_dev_run", "1", *QUIET])
+    assert "GPU available" not in caplog.text
