@@ -245,23 +245,26 @@ def _ddp_fit(make_dm: Callable[[], L.LightningDataModule], callbacks: list[Callb
 
 def run_ddp(quick: bool, seed: int = 0) -> dict[str, Any]:
     epochs = 3 if quick else DDP_EPOCHS
-    # --quick: 4 batches per epoch (the three 2-process launches, i.e. their imports, still dominate)
+    # --quick: 4 batches per epoch, and ranks that exit without collecting torch and Lightning (the three
+    # 2-process launches, each rank importing them afresh, still dominate)
     limits = {"limit_train_batches": harness.SMOKE_TRAIN_BATCHES} if quick else {}
+    smoke = [harness.FreezeGC()] if quick else []
     dm0 = DigitsDataModule(batch_size=DDP_BATCH, seed=seed)
     dm0.setup("fit")
     n = len(dm0.train_set)
     out: dict[str, Any] = {"epochs": epochs, "batch_per_rank": DDP_BATCH, "n_train": n, "seed": seed}
-    out["full data"] = _ddp_fit(lambda: DigitsDataModule(batch_size=DDP_BATCH, seed=seed), [], epochs, seed, **limits)
+    out["full data"] = _ddp_fit(lambda: DigitsDataModule(batch_size=DDP_BATCH, seed=seed), [*smoke], epochs, seed,
+                                **limits)
     print(f"[data_pruning] DDP | full data: {_ddp_status(out['full data'])}", flush=True)
     out["DataPruning"] = _ddp_fit(lambda: DigitsDataModule(batch_size=DDP_BATCH, seed=seed),
-                                  [DataPruning(ratio=RATIO, anneal=ANNEAL, seed=seed)], epochs, seed, **limits)
+                                  [DataPruning(ratio=RATIO, anneal=ANNEAL, seed=seed), *smoke], epochs, seed, **limits)
     print(f"[data_pruning] DDP | DataPruning: {_ddp_status(out['DataPruning'])}", flush=True)
     if "ranks" in out["DataPruning"]:
         kept = [2 * c for c in out["DataPruning"]["ranks"][0]["per_epoch"]]  # the global kept count of each epoch
         kept[0] = n  # the sampler's length at set-up: the first epoch is full in both
         out["kept"] = kept
-        out["emulated"] = _ddp_fit(lambda: ShrinkingDigits(kept, batch_size=DDP_BATCH, seed=seed), [], epochs, seed,
-                                   **limits)
+        out["emulated"] = _ddp_fit(lambda: ShrinkingDigits(kept, batch_size=DDP_BATCH, seed=seed), [*smoke], epochs,
+                                   seed, **limits)
         print(f"[data_pruning] DDP | shrinking sampler under DistributedSamplerWrapper: "
               f"{_ddp_status(out['emulated'])}", flush=True)
     return out

@@ -34,6 +34,7 @@ import torch
 __all__ = [
     "REPO_ROOT",
     "ForeignLoad",
+    "FreezeGC",
     "command_line",
     "crash_record",
     "evaluate",
@@ -282,6 +283,16 @@ def fit(
     t0 = time.perf_counter()
     fitter.fit(model, datamodule=dm)
     return fitter, time.perf_counter() - t0
+
+
+class FreezeGC(lightning.pytorch.callbacks.Callback):
+    """For a smoke run's spawned ranks (``ddp_spawn``): at set-up, what ``start`` does in the main process
+    (``gc.freeze()``, the collector back on), so a rank's exit skips collecting torch and Lightning (seconds
+    per rank). Changes no result."""
+
+    def setup(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, stage: str) -> None:
+        gc.freeze()
+        gc.enable()
 
 
 def crash_record(exc: BaseException) -> dict[str, str]:
@@ -543,7 +554,7 @@ def main(
         n = quick_seeds(args.seeds) if args.quick and quick_seeds is not None else args.seeds
         results = run(n, args.quick)
     publish(name, results, time.perf_counter() - t0, render, plot, alt, args.quick)
-    if args.quick:
+    if args.quick and run.__module__ != "__main__":
         gc.unfreeze()  # start's gc.freeze, undone for a caller that lives on (a test calling main)
 
 
@@ -555,16 +566,19 @@ def start(quick: bool, threads: int) -> None:
     (a 13 ms step of ``overhead``'s MLP took 550 ms with two threads, 27 ms with one).
 
     A smoke run also freezes the objects that exist by now (``gc.freeze``: torch, Lightning and the
-    benchmark's modules): a full collection then skips them, and ``overhead``'s ``gc.collect()``
-    before each fit takes microseconds instead of ~0.4 s. (``main`` unfreezes them when it returns.)
+    benchmark's modules, ~400,000 objects): a collection then skips them, so ``overhead``'s
+    ``gc.collect()`` before each fit takes microseconds instead of ~0.4 s, and the interpreter's exit
+    skips its final collection of them (~1 s on a quiet 2-core machine, 5-7 s on a busy one). ``main``
+    unfreezes them when a caller that lives on (a test) called it. The collector, which the package
+    turns off for a smoke run's imports (``benchmarks/__init__.py``), is back on from here.
     """
     global _SMOKE
     _SMOKE = quick
     torch.set_num_threads(1 if quick else threads)
     quiet_lightning()
     if quick:
-        gc.collect()
         gc.freeze()
+        gc.enable()
 
 
 def pyplot():

@@ -15,6 +15,7 @@ Run from the repository root: ``python -m benchmarks.sharded`` (``--quick`` for 
 
 from __future__ import annotations
 
+import gc
 import os
 import statistics
 import sys
@@ -46,6 +47,13 @@ QUICK_WIDTHS = (32, 64, 64, 10)  # --quick: the same code paths in seconds (read
 
 def _widths() -> tuple[int, ...]:
     return QUICK_WIDTHS if os.environ.get("LICHTENBERG_BENCH_QUICK") else WIDTHS
+
+
+def _smoke_rank() -> None:
+    """--quick: freeze the rank's objects (as harness.start does in the main process), so its exit does not
+    collect torch and Lightning again (seconds per rank). Changes no result."""
+    if os.environ.get("LICHTENBERG_BENCH_QUICK"):
+        gc.freeze()
 STEPS = 4
 CALLBACKS = {  # name -> factory (fresh instance per fit)
     "EMA": lambda: EMA(decay=0.99),
@@ -122,6 +130,7 @@ class Probe(Callback):
 def memory(out: Path) -> None:
     from tests.sharded.common import save, strategy
 
+    _smoke_rank()
     g = torch.Generator().manual_seed(0)
     ds = TensorDataset(torch.randn(32 * STEPS * 2, _widths()[0], generator=g),
                        torch.randint(0, 10, (32 * STEPS * 2,), generator=g))
@@ -197,6 +206,7 @@ def communication(out: Path) -> None:
     from lichtenberg.core.sparsity import topk_mask
     from tests.sharded.common import save
 
+    _smoke_rank()
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
