@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checkpoints import _BESIDE, _QUANTIZER_PARTS, plain_state_dict
+from .checkpoints import _BESIDE, _QUANTIZER_PARTS, _identity, plain_state_dict
 
 __all__ = ["FORMAT_VERSION", "compress_state_dict", "decompress_state_dict", "save_compressed"]
 
@@ -103,8 +103,7 @@ def _canonical(state: Mapping[str, Tensor], ties: Iterable[Iterable[str]]) -> di
         if value.numel() == 0:  # empty tensors may share a null storage without being tied
             head[key] = key
             continue
-        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride())
-        head[key] = first.setdefault((*ident, value.dtype), key)
+        head[key] = first.setdefault((*_identity(value), value.dtype), key)
     for group in ties:
         group = list(group)
         missing = [k for k in group if k not in state]
