@@ -86,6 +86,12 @@ class _Sparsity(_Base):
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         raise NotImplementedError
 
+    def needs_dense_gradients(self, step: int) -> bool:
+        """SparseDDPStrategy's question: whether optimizer step ``step`` reads the averaged
+        gradients of pruned weights: an update (it may grow by gradient, and regrown weights keep
+        this step's gradient), SR-STE's dense latent weights, or a step before masking starts."""
+        return self.engine is not None and (self._dense_latent or step < self._start or self._due(step))
+
     def _last_point(self, trainer: pl.Trainer, names: list[str]) -> None:
         """Right before the optimizer's math: zero the gradients of pruned weights."""
         if trainer.global_step >= self._start:

@@ -1,2 +1,8 @@
-"""Trainer plugins and strategies (none yet: every technique so far fits in a callback)."""
-__all__: list[str] = []
+"""Trainer plugins and strategies: only where a callback cannot reach.
+
+Importing this package registers the strategy names ``"sparse_ddp"`` and ``"sparse_ddp_spawn"``.
+"""
+
+from .sparse_ddp import SparseDDPStrategy
+
+__all__ = ["SparseDDPStrategy"]
