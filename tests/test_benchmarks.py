@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["overhead", "ema_overhead", "averaging_quality", "pruning_overhead",
                                   "pruning_quality", "dst_overhead", "dst_quality", "qat_overhead", "qat_quality",
-                                  "real_models", "sharded", "merging", "export_size"])
+                                  "real_models", "sharded", "sparse_ddp", "merging", "export_size"])
 def test_benchmark_quick_run(name):
     before = (ROOT / "docs" / "results.md").read_text()
     result = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--quick"], cwd=ROOT,
