@@ -33,7 +33,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from torch.distributed.constants import default_pg_timeout
 
-from ..core.sparsity.comm import MaskedAllReduce, masked_allreduce_hook
+from ..core.sparsity import MaskedAllReduce, masked_allreduce_hook
 
 __all__ = ["SparseDDPStrategy"]
 

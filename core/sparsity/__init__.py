@@ -1,6 +1,8 @@
-"""Sparsity: one mask engine, mask selection, layer allocation, scores and policies."""
+"""Sparsity: one mask engine, mask selection, layer allocation, scores and policies, and a
+mask-aware gradient all-reduce for DDP."""
 
 from .allocation import Allocation, allocate, erk_densities, lamp_scores
+from .comm import MaskedAllReduce, mask_fingerprint, masked_allreduce_hook
 from .dst import (
     cosine_drop_fraction,
     drop_and_grow,
@@ -21,6 +23,7 @@ __all__ = [
     "Allocation",
     "InputNorms",
     "MaskEngine",
+    "MaskedAllReduce",
     "SRSTE",
     "allocate",
     "check_nm",
@@ -34,7 +37,9 @@ __all__ = [
     "growth_scores",
     "lamp_scores",
     "magnitude_score",
+    "mask_fingerprint",
     "mask_name",
+    "masked_allreduce_hook",
     "masked_bits_",
     "nm_mask",
     "parse_pattern",

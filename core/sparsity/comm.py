@@ -10,11 +10,14 @@ whole.
 
 Costs. An index list per bucket (int64 positions of the kept entries, in memory order) is
 built the first time the bucket is reduced after a mask changed (one host sync) and cached.
-Each step then costs a gather, a zero fill and a scatter of the bucket, no host sync. A mask
-change is noticed from the buffers' identity and version counters (every in-place change
-bumps them; a change through ``.data`` would not be seen) at the first bucket of each
-backward, and is then checked to be the same on every rank: one all-reduce of fingerprints
-and one host sync per change, never per step.
+Each step then costs a gather, a zero fill and a scatter of the bucket, no host sync. At the
+first bucket of each backward the mask buffers are compared with the ones seen last, by
+identity and version counter (every in-place change bumps it; a change through ``.data``
+would not be seen, nor a mask first registered on an unmasked weight until another mask
+changes). A change is checked to be the same on every rank: one all-reduce of fingerprints
+and one host sync per change, never per step. Masks must therefore change at the same step
+on every rank, as every lichtenberg technique changes them: a change on one rank alone is a
+collective mismatch (gloo stops with an error, NCCL waits for its timeout).
 
 Example:
     >>> ddp = DistributedDataParallel(model)
@@ -22,7 +25,6 @@ Example:
     >>> ddp.register_comm_hook(state, masked_allreduce_hook)
     >>> state.dense = step_reads_dense_gradients   # e.g. a RigL update step: send everything
 """
-
 
 import torch
 import torch.distributed as dist
@@ -43,15 +45,17 @@ def mask_fingerprint(mask: Tensor) -> Tensor:
     return torch.stack([flat.sum(dtype=torch.int64), (words * weights).sum()])
 
 
-def _bucket_strides(param: Tensor) -> tuple[int, ...]:
-    """How DDP lays the gradient of ``param`` out in its bucket: with the parameter's own strides
-    when it is dense and non-overlapping (channels_last stays channels_last), else contiguous."""
+def _memory_order(param: Tensor) -> list[int]:
+    """The dimensions of ``param`` from outermost to innermost as DDP lays its gradient out in a
+    bucket: by the parameter's own strides when it is dense and non-overlapping (channels_last
+    stays channels_last), else contiguous."""
+    order = sorted(range(param.dim()), key=param.stride, reverse=True)
     expected = 1
-    for d in sorted(range(param.dim()), key=param.stride):
+    for d in reversed(order):
         if param.size(d) != 1 and param.stride(d) != expected:
-            return torch.empty(param.shape, device="meta").stride()
+            return list(range(param.dim()))
         expected *= param.size(d)
-    return param.stride()
+    return order
 
 
 class MaskedAllReduce:
@@ -82,36 +86,37 @@ class MaskedAllReduce:
             owner, _, leaf = name.rpartition(".")
             self._slots.setdefault(id(param), []).append((model.get_submodule(owner)._buffers, f"{leaf}_mask", name))
             self._params[id(param)] = param
-        self._stamp: tuple | None = None
+        self._known: list[tuple[dict, str, Tensor, int]] | None = None  # (buffers, key, mask, version) seen last
         self._plans: dict[int, tuple[tuple[int, ...], "Tensor | None"]] = {}
 
-    def mask_of(self, param: Tensor) -> Tensor | None:
-        """The mask of ``param`` (under any of its names), or None."""
+    def _find(self, param: Tensor) -> tuple[dict, str, Tensor] | None:
         for buffers, key, _ in self._slots.get(id(param), ()):
             mask = buffers.get(key)
             if mask is not None and mask.dtype == torch.bool and mask.shape == param.shape:
-                return mask
+                return buffers, key, mask
         return None
+
+    def mask_of(self, param: Tensor) -> Tensor | None:
+        """The mask of ``param`` (under any of its names), or None."""
+        found = self._find(param)
+        return None if found is None else found[2]
 
     def masks(self) -> dict[str, Tensor]:
         """Every parameter's mask, by the parameter's first name."""
-        found = {}
-        for pid, slots in self._slots.items():
-            mask = self.mask_of(self._params[pid])
-            if mask is not None:
-                found[slots[0][2]] = mask
-        return found
+        return {slots[0][2]: found[2] for pid, slots in self._slots.items()
+                if (found := self._find(self._params[pid])) is not None}
 
     def refresh_(self) -> bool:
-        """Notice a mask change (identity or version of any mask buffer): drop the cached index
-        lists and check that every rank holds the same masks (RuntimeError otherwise). Cheap
-        when nothing changed; returns whether something did."""
-        masks = self.masks()
-        stamp = tuple((n, id(m), m._version) for n, m in masks.items())
-        if stamp == self._stamp:
+        """Notice a mask change (identity or version of a mask buffer): drop the cached index
+        lists and check that every rank holds the same masks (RuntimeError otherwise). Returns
+        whether something changed; when nothing did it only compares the known masks' versions."""
+        if self._known is not None and all(buffers.get(key) is mask and mask._version == version
+                                           for buffers, key, mask, version in self._known):
             return False
-        self._stamp = stamp
+        found = {slots[0][2]: f for pid, slots in self._slots.items() if (f := self._find(self._params[pid]))}
+        self._known = [(buffers, key, mask, mask._version) for buffers, key, mask in found.values()]
         self._plans.clear()
+        masks = {name: f[2] for name, f in found.items()}
         if masks and dist.get_world_size(self.group) > 1:
             check_same_masks(masks, self.group)
         return True
@@ -125,18 +130,18 @@ class MaskedAllReduce:
         if plan is not None and plan[0] == ids:  # DDP rebuilds its buckets once, after the first step
             return plan[1]
         buffer = bucket.buffer()
-        positions = torch.arange(buffer.numel(), device=buffer.device)  # [bucket]
         parts, pruned = [], False
         for param, grad in zip(params, bucket.gradients()):
             start = (grad.data_ptr() - buffer.data_ptr()) // buffer.element_size()
-            where = positions.as_strided(param.shape, _bucket_strides(param), start)  # bucket position of each entry
             mask = self.mask_of(param)
             if mask is None or bool(mask.all()):
-                parts.append(where.reshape(-1))
-            else:
-                parts.append(where[mask.to(where.device)])
-                pruned = True
-        index = torch.cat(parts).sort().values if pruned else None  # memory order: the gather streams
+                parts.append((start, torch.arange(start, start + param.numel(), device=buffer.device)))
+                continue
+            in_memory = mask.permute(_memory_order(param)).reshape(-1).to(buffer.device)  # [numel], bucket order
+            parts.append((start, in_memory.nonzero().squeeze(1).add_(start)))
+            pruned = True
+        # ascending positions (the gather streams through the bucket), without sorting them
+        index = torch.cat([p for _, p in sorted(parts, key=lambda part: part[0])]) if pruned else None
         self._plans[bucket.index()] = (ids, index)
         self.builds += 1
         return index

@@ -1,6 +1,7 @@
 """The `lichtenberg` console script: recipes parse and run, the default job prints its summary."""
 
 import logging
+import re
 import shlex
 import subprocess
 import sys
@@ -194,6 +195,19 @@ def test_sharded_recipe_trains_on_two_processes_and_exports_a_plain_model(name, 
     weights = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     assert zeros >= 0.3, f"the pruning schedule had begun by step 40: {zeros:.2f} of the weights are zero"
+
+
+@pytest.mark.slow
+def test_sparse_ddp_recipe_trains_on_two_processes_and_sends_a_fraction_of_the_bytes(tmp_path):
+    script = Path(sys.executable).with_name("lichtenberg")  # Lightning re-runs argv per rank: no `python -c`
+    cmd = [str(script), "fit", "--config", "sparse-ddp-mnist1d", "--trainer.max_steps", "80",
+           "--trainer.limit_val_batches", "2", "--trainer.default_root_dir", str(tmp_path)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (line,) = [x for x in (run.stdout + run.stderr).splitlines() if x.startswith("SparseDDPStrategy:")]
+    ratio = float(re.search(r"\(([0-9.]+)x\)", line).group(1))
+    assert "80 steps (1 dense)" in line and ratio < 0.15, line  # 90% sparse, RigL's update at step 50 dense
+    assert "lichtenberg fit summary" in run.stdout
 
 
 def test_quiet_also_after_the_standalone_pytorch_lightning_package_is_imported(caplog):
