@@ -69,3 +69,13 @@ def test_reweighting_and_data_pruning_example_forwards_fewer_samples(tmp_path):
                   result.stdout)
     a0, n0, a1, n1 = float(m[1]), int(m[2]), float(m[3]), int(m[4])
     assert n1 < 0.85 * n0 and a0 > 0.8 and a1 > 0.8
+
+
+@pytest.mark.slow
+def test_sparse_ddp_example_sends_a_seventh_of_the_bytes_on_two_processes(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "sparse_ddp.py")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = re.search(r"val_acc (\d\.\d+); 220 steps \((\d+) dense\) .* \((\d\.\d+)x\)", result.stdout)
+    acc, dense, ratio = float(found.group(1)), int(found.group(2)), float(found.group(3))
+    assert acc > 0.8 and dense == 6 and ratio < 0.15  # RigL's 6 updates dense, 90% sparse in between

@@ -83,6 +83,23 @@ def test_print_config_feeds_back_into_fit(tmp_path, capsys):
     assert "SWA average" in capsys.readouterr().out
 
 
+def test_a_strategy_from_a_recipe_round_trips_through_print_config(tmp_path, capsys):
+    from lichtenberg.cli.main import build
+    from lichtenberg.plugins import SparseDDPStrategy
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "sparse-ddp-mnist1d", "--trainer.strategy.init_args.bucket_cap_mb", "4",
+              "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    for key in ("ckpt_path", "weights_only"):  # build() makes the Trainer as export does, without fit's arguments
+        config.pop(key)
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(yaml.safe_dump(config))
+    strategy = build([str(printed)]).trainer.strategy
+    assert type(strategy) is SparseDDPStrategy and strategy._ddp_kwargs["bucket_cap_mb"] == 4
+    assert strategy._start_method == "popen" and strategy.num_processes == 2
+
+
 def test_bad_callback_argument_fails_before_training_in_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"trainer": {"callbacks": [

@@ -72,7 +72,7 @@ def _step(ddp: DistributedDataParallel, x: torch.Tensor) -> None:
     ddp(x).square().mean().backward()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_kept_entries_exact_pruned_entries_zero_in_every_layout(one_process, dtype):
     model = _masked(0, dtype)
     ddp, state = _wrapped(model)
