@@ -142,9 +142,17 @@ class SparseDDPStrategy(DDPStrategy):
         if t["steps"]:
             rank_zero_info(
                 f"SparseDDPStrategy: {t['steps']} steps ({t['dense_steps']} dense), all-reduced "
-                f"{t['bytes'] / 2**20:.1f} MiB per rank of the {t['dense_bytes'] / 2**20:.1f} MiB DDP would "
+                f"{_size(t['bytes'])} per rank of the {_size(t['dense_bytes'])} DDP would "
                 f"({t['bytes'] / t['dense_bytes']:.3f}x); index lists built {self.comm.builds} times."
             )
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 def _register(registry: Any) -> None:
