@@ -355,10 +355,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax_b.plot(pcts, [r["bytes_ratio"] for r in rows], "o-", label=label)
         ratio = [r["time_ratio"] for r in rows]
         err = [[v - r["time_min"] for v, r in zip(ratio, rows)], [r["time_max"] - v for v, r in zip(ratio, rows)]]
-        ax_t.errorbar(pcts, ratio, yerr=err, fmt="o-", capsize=3, label=label)
+        line = ax_t.errorbar(pcts, ratio, yerr=err, fmt="o-", capsize=3, label=f"{cfg['title']} step")
+        ax_t.plot(pcts, [r["alone_ratio"] for r in rows], "s--", color=line[0].get_color(),
+                  label=f"{cfg['title']} all-reduce alone")
     ax_t.axhline(1.0, color="grey", lw=0.8)
     ax_b.set(xlabel="sparsity (%)", ylabel="bytes per step, sparse / DDP")
-    ax_t.set(xlabel="sparsity (%)", ylabel="step time, sparse / DDP (min–max)")
+    ax_t.set(xlabel="sparsity (%)", ylabel="time, sparse / DDP (step: min–max)")
     ax_b.legend(fontsize=7)
     ax_t.legend(fontsize=7)
     harness.save_figure(fig, path)
