@@ -31,11 +31,13 @@ class Net(L.LightningModule):
     """Three masked Linear layers, unmasked biases and a LayerNorm; optionally a layer the loss
     never uses (find_unused_parameters)."""
 
-    def __init__(self, optimizer: str = "sgd", unused: bool = False):
+    def __init__(self, optimizer: str = "sgd", unused: bool = False, compiled: bool = False):
         super().__init__()
         self.optimizer = optimizer
         self.net = nn.Sequential(nn.Linear(8, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
                                  nn.Linear(32, 4))
+        if compiled:  # aot_eager traces the backward too; the DDP hooks still see every gradient
+            self.net = torch.compile(self.net, backend="aot_eager")
         self.spare = nn.Linear(4, 4) if unused else None
 
     def forward(self, x):
@@ -155,6 +157,11 @@ def unused(out: Path) -> None:
           model_kwargs={"unused": True}, ddp_kwargs={"find_unused_parameters": True})
 
 
+def compiled(out: Path) -> None:
+    _both(out, lambda: [DynamicSparseTraining(sparsity=0.8, method="rigl", schedule=SparsitySchedule(**DST))],
+          model_kwargs={"compiled": True})
+
+
 def sr_ste(out: Path) -> None:  # dense latent weights: every step dense
     _both(out, lambda: [GradualPruning(sparsity=0.5, pattern="2:4", sr_ste=2e-4, schedule=SparsitySchedule(**PRUNE))])
 
@@ -233,4 +240,4 @@ def logged(out: Path) -> None:
 
 
 SCENARIOS = ["pruning", "pruning_by_gradient", "rigl", "set_growth", "accumulation", "bf16_mixed", "bf16_true",
-             "compose", "unused", "sr_ste", "crash_resume", "mismatch", "no_masks", "logged"]
+             "compose", "unused", "compiled", "sr_ste", "crash_resume", "mismatch", "no_masks", "logged"]

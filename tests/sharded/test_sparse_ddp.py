@@ -19,7 +19,7 @@ from tests.sharded.sparse_ddp_scenarios import DST, SCENARIOS, fit
 pytestmark = pytest.mark.slow
 
 SAME_AS_DDP = ["pruning", "pruning_by_gradient", "rigl", "set_growth", "accumulation", "bf16_mixed", "bf16_true",
-               "compose", "unused", "sr_ste"]
+               "compose", "unused", "compiled", "sr_ste"]
 # 8->32->32->4 MLP: its weights, and what is never masked (biases and the LayerNorm)
 WEIGHTS, UNMASKED = 8 * 32 + 32 * 32 + 32 * 4, 32 + 32 + 32 + 32 + 4
 
@@ -83,7 +83,7 @@ def test_packed_bytes_count_kept_weights_and_unmasked_parameters_exactly(results
     assert last["sent"] == 4 * (kept + UNMASKED)
 
 
-@pytest.mark.parametrize("name", ["rigl", "set_growth", "accumulation"])
+@pytest.mark.parametrize("name", ["rigl", "set_growth", "accumulation", "compiled"])
 def test_update_steps_go_dense_and_carry_pruned_gradients(results, name):
     r0, _ = result(results, name)
     steps = r0["sparse"]["steps"]
