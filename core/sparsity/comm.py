@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["MaskedAllReduce", "mask_fingerprint", "masked_allreduce_hook"]
+__all__ = ["MaskedAllReduce", "check_same_masks", "mask_fingerprint", "masked_allreduce_hook"]
 
 _ODD = 0x9E3779B97F4A7C15 - 2**64  # golden-ratio multiplier as a signed int64: spreads word positions
 
