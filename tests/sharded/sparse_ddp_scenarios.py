@@ -31,11 +31,15 @@ class Net(L.LightningModule):
     """Three masked Linear layers, unmasked biases and a LayerNorm; optionally a layer the loss
     never uses (find_unused_parameters)."""
 
-    def __init__(self, optimizer: str = "sgd", unused: bool = False, compiled: bool = False):
+    def __init__(self, optimizer: str = "sgd", unused: bool = False, compiled: bool = False, tied: bool = False):
         super().__init__()
         self.optimizer = optimizer
         self.net = nn.Sequential(nn.Linear(8, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
                                  nn.Linear(32, 4))
+        if tied:  # one weight used by two layers (one mask under both names, one DDP gradient)
+            self.net.insert(4, nn.Linear(32, 32))
+            self.net.insert(5, nn.ReLU())
+            self.net[4].weight = self.net[3].weight
         if compiled:  # aot_eager traces the backward too; the DDP hooks still see every gradient
             self.net = torch.compile(self.net, backend="aot_eager")
         self.spare = nn.Linear(4, 4) if unused else None
@@ -98,6 +102,8 @@ def _run(trainer: L.Trainer, model: L.LightningModule, record: Record) -> dict[s
         "steps": record.steps,
         "global_step": trainer.global_step,
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "masks": [(m.numel(), int(m.sum())) for c in trainer.callbacks  # one per tensor, tied ones once
+                  if isinstance(c, (GradualPruning, DynamicSparseTraining)) for m in c.engine.masks.values()],
         "due": [s for c in trainer.callbacks if isinstance(c, (GradualPruning, DynamicSparseTraining))
                 for s in range(trainer.global_step) if c._due(s) or s < c._start],
         "totals": dict(getattr(trainer.strategy, "totals", {})),
@@ -160,6 +166,16 @@ def unused(out: Path) -> None:
 def compiled(out: Path) -> None:
     _both(out, lambda: [DynamicSparseTraining(sparsity=0.8, method="rigl", schedule=SparsitySchedule(**DST))],
           model_kwargs={"compiled": True})
+
+
+def static_graph(out: Path) -> None:
+    _both(out, lambda: [GradualPruning(sparsity=0.8, schedule=SparsitySchedule(**PRUNE))],
+          ddp_kwargs={"static_graph": True})
+
+
+def tied(out: Path) -> None:
+    _both(out, lambda: [DynamicSparseTraining(sparsity=0.8, method="rigl", schedule=SparsitySchedule(**DST))],
+          model_kwargs={"tied": True})
 
 
 def sr_ste(out: Path) -> None:  # dense latent weights: every step dense
@@ -240,4 +256,4 @@ def logged(out: Path) -> None:
 
 
 SCENARIOS = ["pruning", "pruning_by_gradient", "rigl", "set_growth", "accumulation", "bf16_mixed", "bf16_true",
-             "compose", "unused", "compiled", "sr_ste", "crash_resume", "mismatch", "no_masks", "logged"]
+             "compose", "unused", "compiled", "static_graph", "tied", "sr_ste", "crash_resume", "mismatch", "no_masks", "logged"]

@@ -19,7 +19,7 @@ from tests.sharded.sparse_ddp_scenarios import DST, SCENARIOS, fit
 pytestmark = pytest.mark.slow
 
 SAME_AS_DDP = ["pruning", "pruning_by_gradient", "rigl", "set_growth", "accumulation", "bf16_mixed", "bf16_true",
-               "compose", "unused", "compiled", "sr_ste"]
+               "compose", "unused", "compiled", "static_graph", "tied", "sr_ste"]
 # 8->32->32->4 MLP: its weights, and what is never masked (biases and the LayerNorm)
 WEIGHTS, UNMASKED = 8 * 32 + 32 * 32 + 32 * 4, 32 + 32 + 32 + 32 + 4
 
@@ -55,15 +55,16 @@ def test_bit_identical_to_ddp(results, name):
         assert masks and not all(bool(m.all()) for m in masks), "the run ended sparse"
 
 
-@pytest.mark.parametrize("name", ["pruning", "rigl", "accumulation", "compose", "unused", "bf16_true"])
+@pytest.mark.parametrize("name", ["pruning", "rigl", "accumulation", "compose", "unused", "bf16_true", "static_graph",
+                                  "tied"])
 def test_packed_steps_send_kept_entries_only_and_leave_exact_zeros(results, name):
     r0, _ = result(results, name)
     sparse, ddp = r0["sparse"], r0["ddp"]
-    masks = [v for k, v in sparse["model"].items() if k.endswith("_mask")]
     size = 2 if name == "bf16_true" else 4
     last = sparse["steps"][-1]  # after the last mask change: the kept entries and every unmasked parameter
     assert not last["dense"] and last["dense_bytes"] == size * sparse["trainable"]
-    assert last["sent"] == size * (sparse["trainable"] - sum(m.numel() for m in masks) + sum(int(m.sum()) for m in masks))
+    assert last["sent"] == size * (sparse["trainable"] - sum(n for n, _ in sparse["masks"]) +
+                                   sum(k for _, k in sparse["masks"]))
     assert last["sent"] < 0.5 * last["dense_bytes"]
     packed = [s for s in sparse["steps"] if not s["dense"] and s["pruned_grad"] is not None]
     assert len(packed) > 5
