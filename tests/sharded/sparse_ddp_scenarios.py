@@ -22,6 +22,8 @@ from lichtenberg.core.schedules import SparsitySchedule
 from lichtenberg.plugins import SparseDDPStrategy
 from tests.cases import EPOCHS, Crash, TinyData
 from tests.sharded.common import save
+from tests.zoo import Wrapped
+from tests.zoo import data as zoo_data
 
 PRUNE = dict(kind="cubic", start=0.1, end=0.6, every_n_steps=4)
 DST = dict(start=0, end=0.75, every_n_steps=4)
@@ -79,15 +81,31 @@ class Record(Callback):
                            "dense_bytes": None if comm is None else comm.dense_bytes})
 
 
+class Manual(Net):
+    """Net with manual optimization: ``manual_backward`` and the optimizer's step in training_step."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        x, y = batch
+        self.manual_backward(nn.functional.cross_entropy(self(x), y))
+        opt.step()
+
+
 def fit(strategy: DDPStrategy, callbacks: list, model_kwargs: dict | None = None, ckpt_path: str | None = None,
-        **kwargs: Any) -> tuple[L.Trainer, L.LightningModule]:
+        model_cls: type = Net, loader: Any = None, **kwargs: Any) -> tuple[L.Trainer, L.LightningModule]:
     L.seed_everything(0)
-    model = Net(**(model_kwargs or {}))
+    model = model_cls(**(model_kwargs or {}))
     kwargs = {"max_epochs": EPOCHS, "logger": False,
               "enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks), **kwargs}
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, enable_progress_bar=False,
                         enable_model_summary=False, deterministic=True, callbacks=callbacks, **kwargs)
-    trainer.fit(model, datamodule=TinyData(), ckpt_path=ckpt_path)
+    data = {"datamodule": TinyData()} if loader is None else {"train_dataloaders": loader()}
+    trainer.fit(model, ckpt_path=ckpt_path, **data)
     return trainer, model
 
 
@@ -178,6 +196,21 @@ def tied(out: Path) -> None:
           model_kwargs={"tied": True})
 
 
+def manual(out: Path) -> None:
+    _both(out, lambda: [DynamicSparseTraining(sparsity=0.8, method="rigl", schedule=SparsitySchedule(**DST))],
+          model_cls=Manual)
+
+
+def gpt2(out: Path) -> None:  # Hugging Face Conv1D weights ([in, out]) and a tied embedding / head, Adam
+    _both(out, lambda: [GradualPruning(sparsity=0.8, schedule=SparsitySchedule(**PRUNE))],
+          model_cls=Wrapped, model_kwargs={"kind": "gpt2"}, loader=lambda: zoo_data("gpt2"), max_epochs=6)
+
+
+def conv(out: Path) -> None:  # BatchNorm (broadcast by DDP), a depthwise conv, convolutions without bias
+    _both(out, lambda: [DynamicSparseTraining(sparsity=0.8, method="rigl", schedule=SparsitySchedule(**DST))],
+          model_cls=Wrapped, model_kwargs={"kind": "conv"}, loader=lambda: zoo_data("conv"), max_epochs=6)
+
+
 def sr_ste(out: Path) -> None:  # dense latent weights: every step dense
     _both(out, lambda: [GradualPruning(sparsity=0.5, pattern="2:4", sr_ste=2e-4, schedule=SparsitySchedule(**PRUNE))])
 
@@ -256,4 +289,5 @@ def logged(out: Path) -> None:
 
 
 SCENARIOS = ["pruning", "pruning_by_gradient", "rigl", "set_growth", "accumulation", "bf16_mixed", "bf16_true",
-             "compose", "unused", "compiled", "static_graph", "tied", "sr_ste", "crash_resume", "mismatch", "no_masks", "logged"]
+             "compose", "unused", "compiled", "static_graph", "tied", "manual", "gpt2", "conv", "sr_ste",
+             "crash_resume", "mismatch", "no_masks", "logged"]

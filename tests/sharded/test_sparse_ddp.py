@@ -19,7 +19,7 @@ from tests.sharded.sparse_ddp_scenarios import DST, SCENARIOS, fit
 pytestmark = pytest.mark.slow
 
 SAME_AS_DDP = ["pruning", "pruning_by_gradient", "rigl", "set_growth", "accumulation", "bf16_mixed", "bf16_true",
-               "compose", "unused", "compiled", "static_graph", "tied", "sr_ste"]
+               "compose", "unused", "compiled", "static_graph", "tied", "manual", "gpt2", "conv", "sr_ste"]
 # 8->32->32->4 MLP: its weights, and what is never masked (biases and the LayerNorm)
 WEIGHTS, UNMASKED = 8 * 32 + 32 * 32 + 32 * 4, 32 + 32 + 32 + 32 + 4
 
@@ -56,7 +56,7 @@ def test_bit_identical_to_ddp(results, name):
 
 
 @pytest.mark.parametrize("name", ["pruning", "rigl", "accumulation", "compose", "unused", "bf16_true", "static_graph",
-                                  "tied"])
+                                  "tied", "manual", "gpt2", "conv"])
 def test_packed_steps_send_kept_entries_only_and_leave_exact_zeros(results, name):
     r0, _ = result(results, name)
     sparse, ddp = r0["sparse"], r0["ddp"]
