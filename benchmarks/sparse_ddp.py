@@ -57,7 +57,7 @@ CONFIGS = {  # scenario -> model and batch per rank
     "compute_heavy": {"title": "compute-heavy", "width": 512, "layers": 8, "batch": 256},
 }
 QUICK = {"width": 64, "batch": 8}  # --quick: the same code paths in seconds (read by both ranks from the env)
-ROUNDS, WARMUP, TIMED = 4, 3, 10  # rounds; steps per fit: WARMUP dropped, then TIMED
+ROUNDS, WARMUP, TIMED = 8, 3, 10  # rounds; steps per fit: WARMUP dropped, then TIMED
 QUICK_ROUNDS, QUICK_TIMED = 2, 2
 COLLECTIVE_ROUNDS = 9  # the all-reduce alone, DDP's and the hook's alternating
 LR, MOMENTUM = 0.01, 0.9
@@ -263,7 +263,7 @@ def run(quick: bool) -> dict[str, Any]:
     else:
         harness.wait_for_quiet(0.1)  # the ranks' rounds are not screened (each rank would decide alone)
     with tempfile.TemporaryDirectory() as tmp:
-        got = launch("benchmarks.sparse_ddp", list(CONFIGS), Path(tmp))
+        got = launch("benchmarks.sparse_ddp", list(CONFIGS), Path(tmp), timeout=3600)
     configs = {}
     for name in CONFIGS:
         rank0 = result(got, name)[0]  # the ranks synchronise in every all-reduce: rank 0's times suffice

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from .. import plugins  # noqa: F401  (registers strategy="sparse_ddp" / "sparse_ddp_spawn")
 from . import data, models  # noqa: F401  (registers the demo classes for short names)
 from .summary import fit_summary
 

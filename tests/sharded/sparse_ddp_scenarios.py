@@ -211,6 +211,21 @@ def conv(out: Path) -> None:  # BatchNorm (broadcast by DDP), a depthwise conv, 
           model_cls=Wrapped, model_kwargs={"kind": "conv"}, loader=lambda: zoo_data("conv"), max_epochs=6)
 
 
+def clipped(out: Path) -> None:  # the clip norm counts kept weights only, under both strategies
+    _both(out, lambda: [GradualPruning(sparsity=0.8, schedule=SparsitySchedule(**PRUNE))], gradient_clip_val=0.05)
+
+
+class AsksDense(Net):
+    """A LightningModule that takes part in the protocol itself: every third step dense."""
+
+    def needs_dense_gradients(self, step: int) -> bool:
+        return step % 3 == 0
+
+
+def module_asks(out: Path) -> None:
+    _both(out, lambda: [DynamicSparseTraining(sparsity=0.8, method="static")], model_cls=AsksDense)
+
+
 def sr_ste(out: Path) -> None:  # dense latent weights: every step dense
     _both(out, lambda: [GradualPruning(sparsity=0.5, pattern="2:4", sr_ste=2e-4, schedule=SparsitySchedule(**PRUNE))])
 
@@ -289,5 +304,6 @@ def logged(out: Path) -> None:
 
 
 SCENARIOS = ["pruning", "pruning_by_gradient", "rigl", "set_growth", "accumulation", "bf16_mixed", "bf16_true",
-             "compose", "unused", "compiled", "static_graph", "tied", "manual", "gpt2", "conv", "sr_ste",
+             "compose", "unused", "compiled", "static_graph", "tied", "manual", "gpt2", "conv", "clipped",
+             "module_asks", "sr_ste",
              "crash_resume", "mismatch", "no_masks", "logged"]

@@ -19,7 +19,8 @@ from tests.sharded.sparse_ddp_scenarios import DST, SCENARIOS, fit
 pytestmark = pytest.mark.slow
 
 SAME_AS_DDP = ["pruning", "pruning_by_gradient", "rigl", "set_growth", "accumulation", "bf16_mixed", "bf16_true",
-               "compose", "unused", "compiled", "static_graph", "tied", "manual", "gpt2", "conv", "sr_ste"]
+               "compose", "unused", "compiled", "static_graph", "tied", "manual", "gpt2", "conv", "clipped",
+               "module_asks", "sr_ste"]
 # 8->32->32->4 MLP: its weights, and what is never masked (biases and the LayerNorm)
 WEIGHTS, UNMASKED = 8 * 32 + 32 * 32 + 32 * 4, 32 + 32 + 32 + 32 + 4
 
@@ -103,6 +104,13 @@ def test_pruning_is_dense_before_masking_starts_and_at_each_event(results):
     assert dense == r0["sparse"]["due"] and len(dense) > events > 1  # before the schedule's start, then each event
 
 
+def test_the_lightning_module_can_ask_for_dense_steps_too(results):
+    r0, _ = result(results, "module_asks")
+    steps = r0["sparse"]["steps"]
+    assert [s["step"] for s in steps if s["dense"]] == list(range(0, 24, 3))
+    assert all(s["sent"] < s["dense_bytes"] for s in steps if not s["dense"])
+
+
 def test_sr_ste_reads_dense_gradients_every_step(results):
     r0, _ = result(results, "sr_ste")
     assert all(s["dense"] and s["sent"] == s["dense_bytes"] for s in r0["sparse"]["steps"])
@@ -154,6 +162,13 @@ def test_ddp_spawn_launcher_gives_the_same_run(results):
     got = model.state_dict()  # the weights come back from rank 0 (the masks lived in the ranks)
     assert got.keys() == {k for k in expected["ddp"]["model"] if not k.endswith("_mask")}
     _equal({k: expected["ddp"]["model"][k] for k in got}, got, "model")
+
+
+def test_the_command_line_knows_the_strategy_names():
+    from lichtenberg.cli.main import build
+
+    trainer = build(["default"], ["--trainer.strategy", "sparse_ddp", "--trainer.devices", "2"]).trainer
+    assert type(trainer.strategy) is SparseDDPStrategy and trainer.strategy._start_method == "popen"
 
 
 def test_strategy_names_and_own_hook():
