@@ -29,8 +29,8 @@ from datetime import timedelta
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.distributed.constants import default_pg_timeout
 
 from ..core.sparsity import MaskedAllReduce, masked_allreduce_hook
@@ -155,11 +155,7 @@ def _size(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def _register(registry: Any) -> None:
-    for name, start_method in (("sparse_ddp", "popen"), ("sparse_ddp_spawn", "spawn")):
-        if name not in registry:
-            registry.register(name, SparseDDPStrategy, description=f"SparseDDPStrategy, start_method={start_method!r}",
-                              start_method=start_method)
-
-
-_register(StrategyRegistry)
+for _name, _start in (("sparse_ddp", "popen"), ("sparse_ddp_spawn", "spawn")):
+    if _name not in StrategyRegistry:
+        StrategyRegistry.register(_name, SparseDDPStrategy, description=f"SparseDDPStrategy, start_method={_start!r}",
+                                  start_method=_start)

@@ -10,7 +10,8 @@ whole.
 
 Costs. An index list per bucket (int64 positions of the kept entries, in memory order) is
 built the first time the bucket is reduced after a mask changed (one host sync) and cached.
-Each step then costs a gather, a zero fill and a scatter of the bucket, no host sync. At the
+Each step then costs a gather into a kept buffer, a zero fill and a scatter of the bucket: no
+host sync and no allocation. At the
 first bucket of each backward the mask buffers are compared with the ones seen last, by
 identity and version counter (every in-place change bumps it; a change through ``.data``
 would not be seen, nor a mask first registered on an unmasked weight until another mask
@@ -87,7 +88,7 @@ class MaskedAllReduce:
             self._slots.setdefault(id(param), []).append((model.get_submodule(owner)._buffers, f"{leaf}_mask", name))
             self._params[id(param)] = param
         self._known: list[tuple[dict, str, Tensor, int]] | None = None  # (buffers, key, mask, version) seen last
-        self._plans: dict[int, tuple[tuple[int, ...], "Tensor | None"]] = {}
+        self._plans: dict[int, tuple[tuple[int, ...], "tuple[Tensor, Tensor] | None"]] = {}
 
     def _find(self, param: Tensor) -> tuple[dict, str, Tensor] | None:
         for buffers, key, _ in self._slots.get(id(param), ()):
@@ -101,10 +102,14 @@ class MaskedAllReduce:
         found = self._find(param)
         return None if found is None else found[2]
 
+    def _found(self) -> dict[str, tuple[dict, str, Tensor]]:
+        """(buffers, key, mask) of every parameter that has a mask, by the parameter's first name."""
+        return {slots[0][2]: found for pid, slots in self._slots.items()
+                if (found := self._find(self._params[pid])) is not None}
+
     def masks(self) -> dict[str, Tensor]:
         """Every parameter's mask, by the parameter's first name."""
-        return {slots[0][2]: found[2] for pid, slots in self._slots.items()
-                if (found := self._find(self._params[pid])) is not None}
+        return {name: found[2] for name, found in self._found().items()}
 
     def refresh_(self) -> bool:
         """Notice a mask change (identity or version of a mask buffer): drop the cached index
@@ -113,7 +118,7 @@ class MaskedAllReduce:
         if self._known is not None and all(buffers.get(key) is mask and mask._version == version
                                            for buffers, key, mask, version in self._known):
             return False
-        found = {slots[0][2]: f for pid, slots in self._slots.items() if (f := self._find(self._params[pid]))}
+        found = self._found()
         self._known = [(buffers, key, mask, mask._version) for buffers, key, mask in found.values()]
         self._plans.clear()
         masks = {name: f[2] for name, f in found.items()}
@@ -121,9 +126,10 @@ class MaskedAllReduce:
             check_same_masks(masks, self.group)
         return True
 
-    def index(self, bucket: dist.GradBucket) -> Tensor | None:
-        """Positions in ``bucket.buffer()`` of the entries to send, or None to send it whole
-        (no parameter in the bucket has a pruned entry)."""
+    def index(self, bucket: dist.GradBucket) -> tuple[Tensor, Tensor] | None:
+        """Positions in ``bucket.buffer()`` of the entries to send and a buffer to pack them into
+        (kept across steps: no allocation per step), or None to send the bucket whole (no
+        parameter in it has a pruned entry)."""
         params = bucket.parameters()
         ids = tuple(map(id, params))
         plan = self._plans.get(bucket.index())
@@ -142,9 +148,10 @@ class MaskedAllReduce:
             pruned = True
         # ascending positions (the gather streams through the bucket), without sorting them
         index = torch.cat([p for _, p in sorted(parts, key=lambda part: part[0])]) if pruned else None
-        self._plans[bucket.index()] = (ids, index)
+        plan = None if index is None else (index, buffer.new_empty(index.numel()))
+        self._plans[bucket.index()] = (ids, plan)
         self.builds += 1
-        return index
+        return plan
 
     def reset_counts(self) -> tuple[int, int]:
         """(sent, dense_bytes) since the last reset, and start counting again."""
@@ -177,13 +184,14 @@ def masked_allreduce_hook(state: MaskedAllReduce, bucket: dist.GradBucket) -> to
     if bucket.index() == 0:  # buckets are reduced in order: once per backward
         state.refresh_()
     buffer = bucket.buffer()  # [bucket], flat gradients of the bucket's parameters
-    index = None if state.dense else state.index(bucket)
+    plan = None if state.dense else state.index(bucket)
     state.dense_bytes += buffer.numel() * buffer.element_size()
-    if index is None:  # DDP's own arithmetic: times 1 / world size, then summed
+    if plan is None:  # DDP's own arithmetic: times 1 / world size, then summed
         state.sent += buffer.numel() * buffer.element_size()
         work = dist.all_reduce(buffer.mul_(state.scale), group=state.group, async_op=True)
         return work.get_future().then(lambda fut: fut.value()[0])
-    packed = buffer.index_select(0, index).mul_(state.scale)  # [kept]
+    index, packed = plan  # the previous step's all-reduce of `packed` finished before this backward
+    torch.index_select(buffer, 0, index, out=packed).mul_(state.scale)  # [kept]
     state.sent += packed.numel() * packed.element_size()
     work = dist.all_reduce(packed, group=state.group, async_op=True)
 

@@ -286,6 +286,22 @@ def no_masks(out: Path) -> None:
                "plain": plain.state_dict(), "totals": dict(trainer.strategy.totals)})
 
 
+class Unowned(Net):
+    """Masks registered by hand, with no callback that masks the gradients."""
+
+    def __init__(self):
+        super().__init__()
+        self.net[3].register_buffer("weight_mask", torch.rand(32, 32, generator=torch.Generator().manual_seed(0)) > 0.5)
+        self._ddp_params_and_buffers_to_ignore = ["net.3.weight_mask"]
+
+
+def unowned(out: Path) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, _ = fit(SparseDDPStrategy(), [], model_cls=Unowned)
+    save(out, {"warnings": [str(w.message) for w in caught], "totals": dict(trainer.strategy.totals)})
+
+
 def logged(out: Path) -> None:
     handler = Capture()
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
@@ -306,4 +322,4 @@ def logged(out: Path) -> None:
 SCENARIOS = ["pruning", "pruning_by_gradient", "rigl", "set_growth", "accumulation", "bf16_mixed", "bf16_true",
              "compose", "unused", "compiled", "static_graph", "tied", "manual", "gpt2", "conv", "clipped",
              "module_asks", "sr_ste",
-             "crash_resume", "mismatch", "no_masks", "logged"]
+             "crash_resume", "mismatch", "no_masks", "unowned", "logged"]

@@ -138,6 +138,12 @@ def test_without_masks_it_warns_and_is_plain_ddp(results):
         assert rank["totals"]["bytes"] == rank["totals"]["dense_bytes"] > 0
 
 
+def test_masks_that_no_callback_enforces_are_a_warning(results):
+    r0, _ = result(results, "unowned")
+    assert any("1 weights carry masks but no callback masks their gradients" in w for w in r0["warnings"])
+    assert r0["totals"]["bytes"] < r0["totals"]["dense_bytes"]  # still packed: pruned entries get zero gradients
+
+
 def test_bytes_are_logged_every_step_and_summarised_at_the_end(results):
     r0, r1 = result(results, "logged")
     rows = [line.split(",") for line in r0["csv"].strip().splitlines()]
